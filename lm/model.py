@@ -1,0 +1,237 @@
+"""The Salamandra decoder: a Llama-architecture causal LM in one file.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU,
+no biases, untied output head. Parameter names are those of Hugging Face `LlamaForCausalLM`, so a
+Hugging Face checkpoint loads with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lm.attention import SeqLayout, cached_attention, causal_attention
+from lm.config import LMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # Not persistent: it is derived from the config, so checkpoints do not carry it.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, T, 1, head_dim], computed in fp32 then cast to `dtype`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of earlier tokens, per layer, preallocated to `max_tokens`.
+
+    `valid[b, j]` says whether slot j of row b holds a real token; callers that left-pad prompts
+    of different lengths set the padding slots to False before the first forward pass.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(
+        cls, config: LMConfig, batch: int, max_tokens: int,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> "KVCache":
+        shape = (batch, max_tokens, config.n_kv_heads, config.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+            valid=torch.ones(batch, max_tokens, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        return self.valid.shape[1]
+
+    def attention_mask(self, new_tokens: int) -> torch.Tensor:
+        """[B, new_tokens, length + new_tokens]: causal over the cache, padding slots hidden.
+        A query always sees itself, so padding queries never produce NaN."""
+        end = self.length + new_tokens
+        keys = torch.arange(end, device=self.valid.device)
+        queries = torch.arange(self.length, end, device=self.valid.device)
+        causal = keys[None, :] <= queries[:, None]
+        itself = keys[None, :] == queries[:, None]
+        return (self.valid[:, None, :end] & causal) | itself
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout,
+        cache: KVCache | None, layer: int,
+    ) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(batch, tokens, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(batch, tokens, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(batch, tokens, c.n_kv_heads, c.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is None:
+            out = causal_attention(q, k, v, layout, c.attention)
+        else:
+            start, end = cache.length, cache.length + tokens
+            cache.keys[layer][:, start:end] = k
+            cache.values[layer][:, start:end] = v
+            out = cached_attention(
+                q, cache.keys[layer][:, :end], cache.values[layer][:, :end], cache.attention_mask(tokens)
+            )
+        return self.o_proj(out.reshape(batch, tokens, c.n_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, layout, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), rope, layout, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """Everything but the output head; named `model` inside Decoder, as in Hugging Face."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.model = Trunk(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # Recompute each block in the backward pass instead of keeping its activations.
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialization for training from scratch: every matrix ~ N(0, init_std), norms at 1.
+
+        The two projections that write into the residual stream (attention o_proj and MLP down_proj)
+        get init_std / sqrt(2 * n_layers), as in GPT-2 and Megatron (which trained Salamandra): each
+        block adds two such terms to the residual, so this keeps its variance from growing with depth.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        layout: SeqLayout | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final (normalized) hidden states [B, T, d_model]; the output head is not applied."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, tokens, _ = x.shape
+        layout = layout or SeqLayout()
+        if cache is not None:
+            if layout.is_packed:
+                raise ValueError("a KV cache works with plain rows, not packed rows")
+            if cache.length + tokens > cache.max_tokens:
+                raise ValueError(f"KV cache holds {cache.max_tokens} tokens; {cache.length} used + {tokens} new")
+        if position_ids is None:
+            offset = cache.length if cache is not None else 0
+            position_ids = layout.position_ids(batch, tokens, x.device) + offset
+        rope = self.rotary(position_ids, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, layout, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, layout, cache, i)
+        if cache is not None:
+            cache.length += tokens
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        layout: SeqLayout | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab]. For training on a large vocabulary, prefer `hidden_states` and
+        apply `lm_head` only where labels are."""
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, layout, position_ids, cache))
