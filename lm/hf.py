@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lm.config import LMConfig
-from lm.model import Decoder, RotaryEmbedding
+from lm.model import Decoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,7 +153,7 @@ def load_decoder(
     decoder.load_state_dict(tensors, strict=not config.tie_embeddings, assign=True)
     if config.tie_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
-    decoder.rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
+    decoder.init_rotary(device)
     return decoder
 
 

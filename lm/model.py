@@ -187,7 +187,11 @@ class Decoder(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+
+    def init_rotary(self, device: torch.device | str | None = None) -> None:
+        """Recompute the rotary frequencies, which checkpoints do not carry (e.g. after building the
+        model on the meta device and assigning its weights)."""
+        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta).to(device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm import SeqLayout
+from lm.loss import IGNORE_INDEX, chunked_cross_entropy, next_token_targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
+def test_chunked_loss_and_gradients_equal_full_logits(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 20))
+    targets[torch.rand(3, 20) < 0.4] = IGNORE_INDEX
+
+    full = F.cross_entropy((hidden @ weight.t()).reshape(-1, 50), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    full_grads = torch.autograd.grad(full, (hidden, weight))
+    ours = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    our_grads = torch.autograd.grad(ours, (hidden, weight))
+    torch.testing.assert_close(ours, full, atol=1e-6, rtol=1e-6)
+    for a, b in zip(our_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_hidden_gives_fp32_loss():
+    hidden = torch.randn(10, 8, dtype=torch.bfloat16)
+    weight = torch.randn(30, 8, dtype=torch.bfloat16)
+    targets = torch.randint(0, 30, (10,))
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=3)
+    expected = F.cross_entropy((hidden @ weight.t()).float(), targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+
+
+def test_no_labels_gives_zero_that_backpropagates():
+    hidden = torch.randn(2, 4, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.full((2, 4), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
+
+
+def test_next_token_targets_shift_and_never_cross_packed_samples():
+    labels = torch.tensor([[10, 11, 12, 20, 21, 30, IGNORE_INDEX, IGNORE_INDEX]])
+    plain = next_token_targets(labels)
+    assert plain.tolist() == [[11, 12, 20, 21, 30, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    packed = next_token_targets(labels, SeqLayout.packed([[3, 2, 1]]))
+    # 12 must not predict 20, 21 must not predict 30: they belong to different samples.
+    assert packed.tolist() == [[11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
