@@ -1,0 +1,27 @@
+"""The model-ready batch that the data path produces and VisionLanguageModel consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lm.attention import SeqLayout
+
+
+@dataclass
+class Batch:
+    """input_ids: [B, T] token ids, each image's placeholder expanded to the projector's token count.
+    labels: [B, T] the same ids where a loss is taken, -100 elsewhere (Hugging Face convention:
+    not shifted). pixels: [N, 3, H, W], the images of the whole batch in the order their
+    placeholders appear (row by row). layout: plain causal rows, or packed rows with sample lengths.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    layout: SeqLayout | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout)

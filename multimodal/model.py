@@ -1,0 +1,173 @@
+"""VisionLanguageModel: encode images, project them, splice them into the text, decode.
+
+Each image placeholder token in `input_ids` stands for one image token: a prompt holds, for every
+image, `num_image_tokens` consecutive placeholders, and the projected image tokens replace their
+embeddings in order. The placeholder is one of Salamandra's reserved control tokens, so the
+vocabulary (and the decoder's embedding matrix) keeps its size.
+
+Saved format (`save_pretrained`): a directory with
+- `config.json`: {"format": "salamandra-vision", "format_version": 1, "encoder": {...},
+  "projector": {...}, "decoder": {...LMConfig fields...}, "image_token_id": int, "dtype": str};
+  each component section rebuilds its architecture (`OpenCLIPEncoder(**encoder)`,
+  `projector.build(**projector)`, `LMConfig(**decoder)`);
+- `model.safetensors`: every weight, named `encoder.*` (open_clip's own names), `projector.*`,
+  `decoder.*` (Hugging Face Llama names);
+- the tokenizer files (`tokenizer.json`, `tokenizer_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import projector as projectors
+from encoders import OpenCLIPEncoder
+from lm import Decoder, LMConfig
+from lm.loss import chunked_cross_entropy, next_token_targets
+from lm.tokenizer import Tokenizer, load_tokenizer
+from multimodal.batch import Batch
+
+FORMAT = "salamandra-vision"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self, encoder: OpenCLIPEncoder, projector: nn.Module, decoder: Decoder, tokenizer: Tokenizer,
+        image_token_id: int, loss_chunk_size: int = 1024,
+    ):
+        super().__init__()
+        if projector.in_dim != encoder.hidden_size:
+            raise ValueError(f"projector input width {projector.in_dim} != encoder width {encoder.hidden_size}")
+        if projector.out_dim != decoder.config.d_model:
+            raise ValueError(f"projector output width {projector.out_dim} != decoder width {decoder.config.d_model}")
+        if not 0 <= image_token_id < decoder.config.vocab_size:
+            raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (0..{decoder.config.vocab_size - 1})")
+        text_specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id,
+                         tokenizer.im_start_id, tokenizer.im_end_id}
+        if image_token_id in text_specials:
+            raise ValueError(f"image_token_id {image_token_id} ({tokenizer.id_to_token(image_token_id)}) is a text "
+                             "special token; use a reserved control token, e.g. tokenizer.reserved_token_id(1)")
+        self.encoder = encoder
+        self.projector = projector
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.loss_chunk_size = loss_chunk_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Decoder tokens per image: the number of placeholders each image needs in a prompt."""
+        return self.projector.num_output_tokens(self.encoder.num_tokens)
+
+    def image_placeholder(self) -> list[int]:
+        return [self.image_token_id] * self.num_image_tokens
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, num_image_tokens, d_model]."""
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            features = self.encoder(pixels)
+        else:
+            with torch.no_grad():  # a frozen encoder keeps no activations for backward
+                features = self.encoder(pixels)
+        return self.projector(features)
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image tokens spliced in at the placeholder positions."""
+        embeds = self.decoder.embed(input_ids)
+        is_image = input_ids == self.image_token_id
+        placeholders = int(is_image.sum())
+        images = 0 if pixels is None else pixels.shape[0]
+        if placeholders != images * self.num_image_tokens:
+            raise ValueError(
+                f"the batch holds {placeholders} image placeholder tokens "
+                f"({placeholders / self.num_image_tokens:g} images' worth at {self.num_image_tokens} tokens "
+                f"per image) but {images} images were given"
+            )
+        if images == 0:
+            return embeds
+        image_embeds = self.encode_images(pixels).to(embeds.dtype)
+        # Row-major order of the placeholders is the order of the images.
+        return embeds.masked_scatter(is_image[..., None], image_embeds)
+
+    def forward(self, batch: Batch, return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(loss, logits). The loss (mean over labelled next-token targets) is computed without full
+        logits; logits [B, T, vocab] are returned when there are no labels or when asked for."""
+        embeds = self.embed(batch.input_ids, batch.pixels)
+        hidden = self.decoder.hidden_states(inputs_embeds=embeds, layout=batch.layout)
+        loss = None
+        if batch.labels is not None:
+            targets = next_token_targets(batch.labels, batch.layout)
+            loss = chunked_cross_entropy(hidden, self.decoder.lm_head.weight, targets, self.loss_chunk_size)
+        logits = self.decoder.lm_head(hidden) if return_logits or batch.labels is None else None
+        return loss, logits
+
+    def config(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "encoder": self.encoder.config(),
+            "projector": self.projector.config(),
+            "decoder": self.decoder.config.to_dict(),
+            "image_token_id": self.image_token_id,
+            "dtype": str(next(self.parameters()).dtype).removeprefix("torch."),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.decoder.config.tie_embeddings:
+            state.pop("decoder.lm_head.weight")  # safetensors refuses shared storage
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(self.config(), indent=2) + "\n")
+        self.tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> "VisionLanguageModel":
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{directory} has no config.json: not a saved VisionLanguageModel")
+        config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path} is not a {FORMAT} config (format={config.get('format')!r}); "
+                             "a Hugging Face LLaVA directory needs `salamandra-vl import` first")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path} has format_version {config.get('format_version')}; "
+                             f"this version of salamandra-vision reads {FORMAT_VERSION}")
+        # Built on the meta device and filled by assignment: no random initialization of a copy
+        # that the checkpoint overwrites anyway.
+        with torch.device("meta"):
+            model = cls(
+                OpenCLIPEncoder(**config["encoder"]),
+                projectors.build(**config["projector"]),
+                Decoder(LMConfig.from_dict(config["decoder"])),
+                load_tokenizer(directory),
+                config["image_token_id"],
+            )
+        state = load_file(str(directory / WEIGHTS_FILE))
+        if model.decoder.config.tie_embeddings:
+            state["decoder.lm_head.weight"] = state["decoder.model.embed_tokens.weight"]
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match config.json: "
+                             f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+        dtype = dtype or getattr(torch, config.get("dtype", "float32"))
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        if model.decoder.config.tie_embeddings:
+            model.decoder.lm_head.weight = model.decoder.model.embed_tokens.weight
+        model.decoder.init_rotary(device)
+        leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise RuntimeError(f"tensors not restored from the checkpoint: {leftover[:8]}")
+        return model.eval()
