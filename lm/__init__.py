@@ -3,6 +3,11 @@
 from lm.attention import SeqLayout
 from lm.config import LMConfig
 from lm.hf import load_decoder, save_decoder
+from lm.loss import IGNORE_INDEX, chunked_cross_entropy
 from lm.model import Decoder, KVCache
+from lm.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS, Tokenizer, format_chatml, load_tokenizer, train_tokenizer
 
-__all__ = ["Decoder", "KVCache", "LMConfig", "SeqLayout", "load_decoder", "save_decoder"]
+__all__ = [
+    "Decoder", "IGNORE_INDEX", "KVCache", "LMConfig", "SPECIAL_IDS", "SPECIAL_TOKENS", "SeqLayout", "Tokenizer",
+    "chunked_cross_entropy", "format_chatml", "load_decoder", "load_tokenizer", "save_decoder", "train_tokenizer",
+]

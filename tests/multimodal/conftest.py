@@ -1,39 +1,12 @@
 import pytest
-import torch
 
-import projector
-from encoders import OpenCLIPEncoder
-from lm import Decoder, LMConfig
 from lm.tokenizer import train_tokenizer
-from multimodal import VisionLanguageModel
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
-}
-
-TEXTS = [
-    "A red circle on a blue background.",
-    "Un círculo rojo sobre un fondo azul.",
-    "Un cercle vermell sobre un fons blau.",
-    "Describe the image in English, please.",
-    "Describe la imagen en español.",
-    "Descriu la imatge en català, si us plau.",
-] * 20
+from tests.multimodal.tiny import TEXTS, build_tiny_vlm
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer(TEXTS, vocab_size=420)
-
-
-def build_tiny_vlm(tokenizer, projector_kind: str = "mlp", **projector_options) -> VisionLanguageModel:
-    torch.manual_seed(0)
-    encoder = OpenCLIPEncoder(TINY_CLIP, feature_layer=-2, drop_cls=True)
-    decoder = Decoder(LMConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, attention="sdpa"))
-    proj = projector.build(projector_kind, encoder.hidden_size, decoder.config.d_model, **projector_options)
-    return VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from lm import SeqLayout
 from lm.loss import IGNORE_INDEX
 from multimodal import Batch, VisionLanguageModel
 
-from conftest import build_tiny_vlm
+from tests.multimodal.tiny import build_tiny_vlm
 
 
 def sample_ids(vlm, n_images: int, text_before: int = 3, text_after: int = 4) -> list[int]:

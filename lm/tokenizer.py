@@ -1,0 +1,531 @@
+"""The Salamandra tokenizer: load, train, save, and the ChatML prompt format.
+
+Salamandra's tokenizer is a SentencePiece BPE with 256,000 pieces, byte fallback, digits split one
+by one and NFC text. Its first 104 ids are fixed special tokens (``SPECIAL_TOKENS``); every
+tokenizer this module hands out is checked to have them at those ids, because checkpoints,
+the chat format and the VLM's image placeholder (a reserved token) all rely on the numbers.
+
+Everything runs on a ``tokenizers.Tokenizer``: the Hugging Face ``tokenizer.json`` is used as is,
+a SentencePiece ``tokenizer.model`` is read with SentencePiece's own protobuf schema and converted,
+and ``train_tokenizer`` builds a small tokenizer of the same shape for tests and the offline demo,
+so one code path serves the real 256k tokenizer and the toy one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+__all__ = [
+    "BYTE_TOKENS",
+    "CHAT_ROLES",
+    "CHATML_TEMPLATE",
+    "NUM_RESERVED_TOKENS",
+    "SPECIAL_IDS",
+    "SPECIAL_TOKENS",
+    "SpecialTokenIds",
+    "Tokenizer",
+    "convert_sentencepiece",
+    "format_chatml",
+    "load_tokenizer",
+    "train_tokenizer",
+]
+
+NUM_RESERVED_TOKENS = 98
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|im_start|>",
+    "<|im_end|>",
+    *(f"<|reserved_token_{n}|>" for n in range(1, NUM_RESERVED_TOKENS + 1)),
+)
+# The spelling ByteFallback (tokenizers) and SentencePiece both use for raw bytes.
+BYTE_TOKENS: tuple[str, ...] = tuple(f"<0x{b:02X}>" for b in range(256))
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """Salamandra's special token ids; ``first_reserved`` is ``<|reserved_token_1|>``."""
+
+    unk: int = 0
+    bos: int = 1
+    eos: int = 2
+    pad: int = 3
+    im_start: int = 4
+    im_end: int = 5
+    first_reserved: int = 6
+
+
+SPECIAL_IDS = SpecialTokenIds()
+
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_IM_START, _IM_END = SPECIAL_TOKENS[SPECIAL_IDS.im_start], SPECIAL_TOKENS[SPECIAL_IDS.im_end]
+
+# Plain ChatML, with no default system prompt (the instruct models' own template inserts one with
+# the current date): training prompts must not change from one day to the next. BOS is left out
+# on purpose, the tokenizer adds it (add_bos_token), as in Salamandra.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def format_chatml(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+    """Render ``[{"role": ..., "content": str}, ...]`` as ChatML text (no BOS).
+
+    Raises ValueError for a role outside ``CHAT_ROLES``, content that is not a string, or content
+    holding ``<|im_start|>`` / ``<|im_end|>`` (it would silently open or close a turn).
+    """
+    parts = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(
+                f"message {index} content must be a str, got {type(content).__name__}; "
+                "put images in as placeholder text before formatting"
+            )
+        for marker in (_IM_START, _IM_END):
+            if marker in content:
+                raise ValueError(f"message {index} content contains {marker!r}, which would break the turn structure")
+        parts.append(f"{_IM_START}{role}\n{content}{_IM_END}\n")
+    if add_generation_prompt:
+        parts.append(f"{_IM_START}assistant\n")
+    return "".join(parts)
+
+
+class Tokenizer:
+    """A Salamandra-shaped ``tokenizers.Tokenizer`` with the ids and chat format the project uses.
+
+    Construction checks that the 104 special tokens sit at Salamandra's ids and registers any that
+    are in the vocabulary but not yet marked special (the backend is modified in place), so that
+    their text always encodes to one id and ``decode`` can skip them.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None) -> None:
+        _check_special_tokens(backend)
+        _register_special_tokens(backend)
+        # Salamandra adds BOS and never EOS. Recent transformers read that from tokenizer.json's
+        # post-processor and ignore add_bos_token in the config, so it must be in the file.
+        bos = SPECIAL_TOKENS[SPECIAL_IDS.bos]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, SPECIAL_IDS.bos)]
+        )
+        self.backend = backend
+        self.chat_template = chat_template
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        """``<s>``, put in front of every sequence."""
+        return SPECIAL_IDS.bos
+
+    @property
+    def eos_id(self) -> int:
+        return SPECIAL_IDS.eos
+
+    @property
+    def pad_id(self) -> int:
+        return SPECIAL_IDS.pad
+
+    @property
+    def unk_id(self) -> int:
+        return SPECIAL_IDS.unk
+
+    @property
+    def im_start_id(self) -> int:
+        """``<|im_start|>``, opens a ChatML turn."""
+        return SPECIAL_IDS.im_start
+
+    @property
+    def im_end_id(self) -> int:
+        """``<|im_end|>``, closes a turn; chat generation stops here."""
+        return SPECIAL_IDS.im_end
+
+    def reserved_token_id(self, n: int) -> int:
+        """Id of ``<|reserved_token_n|>``, 1 <= n <= 98."""
+        if not 1 <= n <= NUM_RESERVED_TOKENS:
+            raise ValueError(f"reserved tokens are numbered 1..{NUM_RESERVED_TOKENS}, got {n}")
+        return SPECIAL_IDS.first_reserved + n - 1
+
+    def token_to_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary (size {self.vocab_size})")
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self.backend.id_to_token(token_id) if token_id >= 0 else None
+        if token is None:
+            raise IndexError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return token
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token text such as ``<|im_start|>`` becomes its single id."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [SPECIAL_IDS.bos, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """``encode`` over many texts at once (the backend encodes them in parallel)."""
+        texts = list(texts)
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
+        prefix = [SPECIAL_IDS.bos] if add_bos else []
+        return [prefix + enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        # int() accepts tensors and numpy scalars; the range check is ours because the backend
+        # silently drops ids it does not know.
+        ids = [int(i) for i in ids]
+        size = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {size})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> list[int]:
+        """BOS + the ids of ``format_chatml(messages, add_generation_prompt)``.
+
+        Always plain ChatML, whatever ``chat_template`` holds, so training data is formatted the
+        same for every checkpoint.
+        """
+        return self.encode(format_chatml(messages, add_generation_prompt), add_bos=True)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` for ``transformers.AutoTokenizer``.
+
+        The chat template written is ``chat_template`` when set (a loaded instruct model keeps its
+        own), else plain ChatML.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {
+            # The generic class uses tokenizer.json verbatim; LlamaTokenizer would rebuild the
+            # normalizer and pre-tokenizer from its own defaults in recent transformers.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": SPECIAL_TOKENS[SPECIAL_IDS.bos],
+            "eos_token": SPECIAL_TOKENS[SPECIAL_IDS.eos],
+            "unk_token": SPECIAL_TOKENS[SPECIAL_IDS.unk],
+            "pad_token": SPECIAL_TOKENS[SPECIAL_IDS.pad],
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template if self.chat_template is not None else CHATML_TEMPLATE,
+        }
+        with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a Salamandra tokenizer from a Hugging Face model directory.
+
+    Reads ``tokenizer.json`` when present, else converts a SentencePiece ``tokenizer.model``.
+    The chat template comes from ``chat_template.jinja`` or ``tokenizer_config.json`` when either
+    exists. All 104 special tokens must be in the vocabulary at Salamandra's ids, or a ValueError
+    says which are missing or misplaced; a base-model file where ``<|im_start|>`` and the reserved
+    tokens are plain vocabulary entries, not marked special, loads fine and gets them registered.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
+    json_path, model_path = directory / "tokenizer.json", directory / "tokenizer.model"
+    if json_path.is_file():
+        backend = tokenizers.Tokenizer.from_file(str(json_path))
+    elif model_path.is_file():
+        backend = convert_sentencepiece(model_path.read_bytes())
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: looked for tokenizer.json (Hugging Face) and tokenizer.model (SentencePiece)"
+        )
+    return Tokenizer(backend, chat_template=_read_chat_template(directory))
+
+
+def _read_chat_template(directory: Path) -> str | None:
+    # Newer transformers save the template as its own file, which then takes precedence.
+    jinja_path = directory / "chat_template.jinja"
+    if jinja_path.is_file():
+        return jinja_path.read_text(encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # the named-templates form: [{"name": ..., "template": ...}]
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _check_special_tokens(backend: tokenizers.Tokenizer) -> None:
+    misplaced, missing = [], []
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        actual_id = backend.token_to_id(token)
+        if actual_id is None:
+            missing.append(token)
+        elif actual_id != expected_id:
+            misplaced.append(f"{token} at {actual_id} (expected {expected_id})")
+    if misplaced:
+        raise ValueError(
+            "not a Salamandra tokenizer, special tokens are at the wrong ids: "
+            + "; ".join(misplaced[:5])
+            + (f" and {len(misplaced) - 5} more" if len(misplaced) > 5 else "")
+        )
+    if _IM_START in missing or _IM_END in missing:
+        raise ValueError(
+            f"the tokenizer has no ChatML tokens ({_IM_START} at id {SPECIAL_IDS.im_start}, {_IM_END} at id "
+            f"{SPECIAL_IDS.im_end}); Salamandra's vocabulary has them at those ids, so this looks like another "
+            "model's tokenizer"
+        )
+    if missing:
+        raise ValueError(
+            f"the tokenizer lacks {len(missing)} Salamandra special tokens (first: {missing[0]}); every one of "
+            f"the {len(SPECIAL_TOKENS)} must be at its id"
+        )
+
+
+def _register_special_tokens(backend: tokenizers.Tokenizer) -> None:
+    added = backend.get_added_tokens_decoder()
+    unregistered = [
+        AddedToken(token, special=True, normalized=False)
+        for token_id, token in enumerate(SPECIAL_TOKENS)
+        if token_id not in added or not added[token_id].special
+    ]
+    if unregistered:
+        # The tokens are already in the vocabulary, so this reuses their ids.
+        backend.add_special_tokens(unregistered)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def _salamandra_pipeline(backend: tokenizers.Tokenizer) -> None:
+    backend.normalizer = normalizers.NFC()
+    # "first": only the start of the text gets the word-boundary marker, not the text that follows
+    # a special token, so "<|im_start|>user" encodes "user" the same in every turn.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a small Salamandra-shaped BPE tokenizer on ``texts``.
+
+    Same layout as the real one: ids 0..103 the special tokens, 104..359 the byte-fallback pieces
+    ``<0x00>``..``<0xFF>``, then learned pieces; metaspace word boundaries, digits split, NFC.
+    The vocabulary holds at most ``vocab_size`` entries (fewer when the texts run out of merges).
+    """
+    reserved = list(SPECIAL_TOKENS) + list(BYTE_TOKENS)
+    if vocab_size <= len(reserved):
+        raise ValueError(
+            f"vocab_size must exceed {len(reserved)} ({len(SPECIAL_TOKENS)} special + {len(BYTE_TOKENS)} byte tokens), "
+            f"got {vocab_size}"
+        )
+    learned_size = vocab_size - len(reserved)
+
+    def checked(items: Iterable[str]) -> Iterator[str]:
+        for index, text in enumerate(items):
+            if not isinstance(text, str):
+                raise TypeError(f"training text {index} is a {type(text).__name__}, not a str")
+            yield text
+
+    scratch = tokenizers.Tokenizer(BPE())
+    _salamandra_pipeline(scratch)
+    # limit_alphabet keeps rare characters from crowding out merges; they fall back to bytes.
+    trainer = BpeTrainer(vocab_size=learned_size, limit_alphabet=learned_size, show_progress=False)
+    scratch.train_from_iterator(checked(texts), trainer=trainer)
+
+    # The trainer numbers its pieces from 0; shift them behind the reserved block. A learned piece
+    # spelled like a reserved one keeps the reserved id.
+    model = json.loads(scratch.to_str())["model"]
+    vocab = {token: token_id for token_id, token in enumerate(reserved)}
+    for token, _ in sorted(model["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+    backend = tokenizers.Tokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=SPECIAL_TOKENS[SPECIAL_IDS.unk], byte_fallback=True, fuse_unk=True)
+    )
+    _salamandra_pipeline(backend)
+    return Tokenizer(backend, chat_template=CHATML_TEMPLATE)
+
+
+# --- SentencePiece conversion -------------------------------------------------------------------
+
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
+_BPE_MODEL = 2
+
+
+@dataclass
+class _SentencePieceModel:
+    pieces: list[tuple[str, float, int]]
+    model_type: int
+    byte_fallback: bool
+    unk_id: int
+    treat_whitespace_as_suffix: bool
+    precompiled_charsmap: bytes
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool
+    escape_whitespaces: bool
+
+
+def _parse_sentencepiece(data: bytes) -> _SentencePieceModel:
+    """The fields the conversion needs, read with SentencePiece's own protobuf schema."""
+    try:
+        from google.protobuf.message import DecodeError
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as error:
+        raise ImportError(
+            "reading a SentencePiece tokenizer.model needs the sentencepiece and protobuf packages "
+            f"({error}); install them, or use a directory with tokenizer.json"
+        ) from error
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as error:
+        raise ValueError(f"not a SentencePiece model: {error}") from None
+    if not proto.pieces:
+        raise ValueError("not a SentencePiece model: no pieces")
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    if not 0 <= trainer.unk_id < len(proto.pieces):
+        raise ValueError(f"not a SentencePiece model: unk_id {trainer.unk_id} is outside its {len(proto.pieces)} pieces")
+    return _SentencePieceModel(
+        pieces=[(p.piece, p.score, p.type) for p in proto.pieces],
+        model_type=trainer.model_type,
+        byte_fallback=trainer.byte_fallback,
+        unk_id=trainer.unk_id,
+        treat_whitespace_as_suffix=trainer.treat_whitespace_as_suffix,
+        precompiled_charsmap=normalizer.precompiled_charsmap,
+        add_dummy_prefix=normalizer.add_dummy_prefix,
+        remove_extra_whitespaces=normalizer.remove_extra_whitespaces,
+        escape_whitespaces=normalizer.escape_whitespaces,
+    )
+
+
+def convert_sentencepiece(model_bytes: bytes) -> tokenizers.Tokenizer:
+    """Build a ``tokenizers.Tokenizer`` that encodes like ``SentencePieceProcessor`` on a BPE model.
+
+    Special and user-defined pieces become added tokens matched in normalized text, as
+    SentencePiece matches them. Two differences, both as Hugging Face tokenizers behave: control
+    pieces (``<s>``, ``</s>``, ``<pad>``) written in the text map to their ids, where SentencePiece
+    spells them out; and a text that opens with a special piece gets no lone ``"▁"`` before it.
+    Only BPE models are accepted (Salamandra's kind).
+    """
+    spm = _parse_sentencepiece(model_bytes)
+    if spm.model_type != _BPE_MODEL:
+        raise ValueError(
+            f"only SentencePiece BPE models are supported (Salamandra's kind), got model_type {spm.model_type}"
+        )
+    if spm.treat_whitespace_as_suffix or not spm.escape_whitespaces:
+        raise ValueError(
+            "SentencePiece models with treat_whitespace_as_suffix or without escape_whitespaces are not supported"
+        )
+
+    vocab = {piece: token_id for token_id, (piece, _, _) in enumerate(spm.pieces)}
+    # SentencePiece BPE merges the adjacent pair whose joined piece scores highest; a merge list
+    # ranked by that score makes the tokenizers BPE take the same steps.
+    normal = {piece: (score, token_id) for token_id, (piece, score, kind) in enumerate(spm.pieces) if kind == _NORMAL}
+    ranked = []
+    for piece, (score, token_id) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, token_id, cut, left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+
+    backend = tokenizers.Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=spm.pieces[spm.unk_id][0],
+            byte_fallback=spm.byte_fallback,
+            fuse_unk=True,
+        )
+    )
+
+    # The dummy prefix is left to a Metaspace pre-tokenizer: added tokens are matched in normalized
+    # text after their own text is normalized too, so a normalizer that prefixed the text would
+    # turn "<|im_start|>" into "▁<|im_start|>". Metaspace adds no prefix to text that already starts
+    # with "▁", which the rules marked (*) take into account. split=False: SentencePiece runs BPE over
+    # the whole text (its pieces never span a word boundary anyway).
+    # Anchors are \A and \z because tokenizers' regex engine reads ^ and $ as line anchors.
+    steps = []
+    if spm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spm.precompiled_charsmap))
+    if spm.remove_extra_whitespaces:
+        # SentencePiece drops leading spaces and collapses runs of them before escaping, so only
+        # " " counts there (not tabs, newlines or a typed "▁"), and trims trailing ones after
+        # escaping, so a typed "▁" goes too. (*) With a dummy prefix, the one leading space left
+        # by collapsing stands for the prefix, and a typed leading "▁" is doubled to get one.
+        if spm.add_dummy_prefix:
+            steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))  # (*)
+        else:
+            steps.append(normalizers.Replace(Regex(r"\A +"), ""))
+        steps += [
+            normalizers.Replace(Regex(" {2,}"), " "),
+            normalizers.Replace(" ", "▁"),
+            normalizers.Replace(Regex(r"▁+\z"), ""),
+        ]
+    else:
+        steps.append(normalizers.Replace(" ", "▁"))
+        if spm.add_dummy_prefix:
+            steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))  # (*)
+    backend.normalizer = normalizers.Sequence(steps)
+    if spm.add_dummy_prefix:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+
+    chain = [decoders.Replace("▁", " ")]
+    if spm.byte_fallback:
+        chain.append(decoders.ByteFallback())
+    chain.append(decoders.Fuse())
+    if spm.add_dummy_prefix:
+        chain.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(chain)
+
+    salamandra = set(SPECIAL_TOKENS)
+    backend.add_special_tokens(
+        [
+            AddedToken(piece, special=True, normalized=True)
+            for piece, _, kind in spm.pieces
+            if kind in (_UNKNOWN, _CONTROL) or (kind == _USER_DEFINED and piece in salamandra)
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(piece, special=False, normalized=True)
+            for piece, _, kind in spm.pieces
+            if kind == _USER_DEFINED and piece not in salamandra
+        ]
+    )
+    return backend
