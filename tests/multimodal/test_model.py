@@ -168,3 +168,13 @@ def test_image_token_must_be_a_reserved_token(vlm, tokenizer):
         VisionLanguageModel(vlm.encoder, vlm.projector, vlm.decoder, tokenizer, tokenizer.im_end_id)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         VisionLanguageModel(vlm.encoder, vlm.projector, vlm.decoder, tokenizer, 10**6)
+
+
+def test_placeholders_written_in_a_chat_message_feed_the_model(vlm):
+    # The README's recipe: placeholder tokens written as text become exactly num_image_tokens ids.
+    placeholders = vlm.tokenizer.id_to_token(vlm.image_token_id) * vlm.num_image_tokens
+    ids = vlm.tokenizer.encode_chat([{"role": "user", "content": placeholders + "\nDescribe the image."}])
+    assert ids.count(vlm.image_token_id) == vlm.num_image_tokens
+    with torch.no_grad():
+        _, logits = vlm(Batch(torch.tensor([ids]), pixels=torch.randn(1, 3, 32, 32)))
+    assert logits.shape == (1, len(ids), vlm.decoder.config.vocab_size)
