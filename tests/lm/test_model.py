@@ -184,3 +184,14 @@ def test_init_std_and_residual_scaling():
     assert block.self_attn.o_proj.weight.std().item() == pytest.approx(scaled, rel=0.02)
     assert block.mlp.down_proj.weight.std().item() == pytest.approx(scaled, rel=0.02)
     assert torch.equal(block.input_layernorm.weight, torch.ones(256))
+
+
+@torch.no_grad()
+def test_auto_backend_is_sdpa_on_cpu_with_equal_numbers():
+    torch.manual_seed(0)
+    auto = Decoder(LMConfig.from_name("tiny", attention="auto")).eval()
+    sdpa = Decoder(LMConfig.from_name("tiny", attention="sdpa")).eval()
+    sdpa.load_state_dict(auto.state_dict())
+    ids = torch.randint(0, 512, (2, 9))
+    layout = SeqLayout.packed([[4, 5], [9]])
+    torch.testing.assert_close(auto(ids, layout=layout), sdpa(ids, layout=layout), atol=0, rtol=0)

@@ -147,12 +147,27 @@ def test_saved_model_round_trips(vlm, tmp_path):
     assert loaded.tokenizer.encode("Un cercle vermell") == vlm.tokenizer.encode("Un cercle vermell")
 
 
-def test_pixel_shuffle_model_round_trips_and_counts_tokens(tokenizer, tmp_path):
-    vlm = build_tiny_vlm(tokenizer, "pixel_shuffle", factor=2)
-    assert vlm.num_image_tokens == 4
+def test_siglip_pixel_shuffle_model_round_trips(tokenizer, tmp_path):
+    vlm = build_tiny_vlm(tokenizer, "pixel_shuffle", tower="siglip", factor=2).eval()
+    assert vlm.encoder.num_tokens == 16 and vlm.num_image_tokens == 4
     vlm.save_pretrained(tmp_path)
     loaded = VisionLanguageModel.from_pretrained(tmp_path)
-    assert loaded.num_image_tokens == 4 and loaded.projector.factor == 2
+    assert loaded.num_image_tokens == 4 and loaded.projector.factor == 2 and loaded.encoder.mean == (0.5,) * 3
+    for name, tensor in vlm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.tensor([sample_ids(vlm, 2)])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(Batch(ids, pixels=pixels))[1], vlm(Batch(ids, pixels=pixels))[1],
+                                   atol=0, rtol=0)
+
+
+def test_bf16_checkpoint_loads_in_its_dtype(vlm, tmp_path):
+    vlm.to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in VisionLanguageModel.from_pretrained(tmp_path, dtype=torch.float32).parameters()} == {
+        torch.float32}
 
 
 def test_from_pretrained_refuses_other_directories(vlm, tmp_path):
