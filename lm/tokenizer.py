@@ -329,6 +329,10 @@ def _salamandra_pipeline(backend: tokenizers.Tokenizer) -> None:
     # a special token, so "<|im_start|>user" encodes "user" the same in every turn.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            # A newline is a piece of its own: ChatML puts one between "<|im_start|>assistant" and the
+            # answer, and a merge across it would make the training tokens of an answer differ from
+            # what generation sees after the prompt "<|im_start|>assistant\n".
+            pre_tokenizers.Split("\n", behavior="isolated"),
             pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
             pre_tokenizers.Digits(individual_digits=True),
         ]

@@ -1,0 +1,120 @@
+"""Conversations -> token ids and labels: ChatML, image placeholder expansion, loss masking.
+
+A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`;
+`<image>` in a content marks where an image goes. Tokens carry a label only inside assistant turns
+(the answer and its closing `<|im_end|>`), so the model learns to answer and to stop, never to
+write prompts. Each `<image>` becomes `num_image_tokens` copies of the image placeholder token.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from lm.loss import IGNORE_INDEX
+from lm.tokenizer import Tokenizer, format_chatml
+from multimodal.prompts import caption_prompt
+
+IMAGE_MARKER = "<image>"
+# LLaVA's `conversations` speak of "human" and "gpt".
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+def messages_from_json(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Messages from a LLaVA-style `conversations` list ({"from", "value"}) or a `messages` list
+    ({"role", "content"}; content may also be a list of {"type": "text" | "image"} parts)."""
+    if "conversations" in record:
+        turns, role_key, content_key = record["conversations"], "from", "value"
+    elif "messages" in record:
+        turns, role_key, content_key = record["messages"], "role", "content"
+    else:
+        raise ValueError(f"json has neither 'conversations' nor 'messages' (keys: {sorted(record)})")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("the conversation is empty or not a list")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
+            raise ValueError(f"turn {index} lacks {role_key!r} or {content_key!r}")
+        role = ROLE_NAMES.get(turn[role_key])
+        if role is None:
+            raise ValueError(f"turn {index} has unknown role {turn[role_key]!r}")
+        content = turn[content_key]
+        if isinstance(content, list):  # multimodal parts, in order
+            content = "".join(IMAGE_MARKER if part.get("type") == "image" else str(part.get("text", ""))
+                              for part in content)
+        if not isinstance(content, str):
+            raise ValueError(f"turn {index} content is a {type(content).__name__}, not text")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def caption_messages(caption: str, language: str, rng: random.Random | None = None) -> list[dict[str, str]]:
+    """A caption sample as a conversation: the user shows the image and asks; the caption answers."""
+    return [
+        {"role": "user", "content": f"{IMAGE_MARKER}\n{caption_prompt(language, rng)}"},
+        {"role": "assistant", "content": caption},
+    ]
+
+
+def count_images(messages: Sequence[Mapping[str, str]]) -> int:
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+
+
+def tokenize_conversation(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    image_token_id: int,
+    num_image_tokens: int,
+    add_generation_prompt: bool = False,
+) -> TokenizedConversation:
+    """BOS + ChatML ids, labels on assistant answers, `<image>` expanded to image placeholders.
+
+    The whole text is encoded at once (so ids equal what the tokenizer gives for the full prompt,
+    as at inference), and labels follow from the character offsets of the tokens.
+    """
+    image_token = tokenizer.id_to_token(image_token_id)
+    for index, message in enumerate(messages):
+        if image_token in str(message.get("content", "")):
+            raise ValueError(f"message {index} contains the image placeholder token {image_token!r} as text")
+    with_images = [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)} for m in messages]
+    text = format_chatml(with_images, add_generation_prompt=add_generation_prompt)
+
+    # Character spans of what is learned: each assistant content and its <|im_end|>.
+    spans, cursor = [], 0
+    for message in with_images:
+        header = f"<|im_start|>{message['role']}\n"
+        start = cursor + len(header)
+        end = start + len(message["content"]) + len("<|im_end|>")
+        if message["role"] == "assistant":
+            spans.append((start, end))
+        cursor = end + 1  # the newline after <|im_end|>
+
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    input_ids, labels, images = [tokenizer.bos_id], [IGNORE_INDEX], 0
+    for token_id, (start, stop) in zip(encoding.ids, encoding.offsets):
+        if token_id == image_token_id:
+            input_ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            images += 1
+            continue
+        learned = any(stop > a and start < b for a, b in spans)
+        input_ids.append(token_id)
+        labels.append(token_id if learned else IGNORE_INDEX)
+    expected = count_images(messages)
+    if images != expected:
+        raise ValueError(f"{expected} {IMAGE_MARKER} markers became {images} image tokens")
+    return TokenizedConversation(input_ids, labels, images)
+
+
+def tokenize_text(text: str, tokenizer: Tokenizer) -> TokenizedConversation:
+    """A plain-text LM sample: BOS + text + EOS, every token after BOS learned."""
+    ids = tokenizer.encode(text)
+    return TokenizedConversation([tokenizer.bos_id, *ids, tokenizer.eos_id], [IGNORE_INDEX, *ids, tokenizer.eos_id], 0)
