@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,13 +15,18 @@ class Batch:
     labels: [B, T] the same ids where a loss is taken, -100 elsewhere (Hugging Face convention:
     not shifted). pixels: [N, 3, H, W], the images of the whole batch in the order their
     placeholders appear (row by row). layout: plain causal rows, or packed rows with sample lengths.
+    The data path also reports what it did: num_samples packed into this batch, and samples skipped
+    (by reason) since the previous batch of the same worker.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     layout: SeqLayout | None = None
+    num_samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout)
+        return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout,
+                     self.num_samples, dict(self.skipped))
