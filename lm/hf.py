@@ -24,7 +24,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def config_from_hf(hf: dict) -> LMConfig:
     """LMConfig from a Hugging Face Llama config.json dict; refuses what the decoder does not implement."""
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in (hf.get("architectures") or []):
         raise ValueError(
             f"not a Llama checkpoint: model_type={hf.get('model_type')!r}, "
             f"architectures={hf.get('architectures')!r}"
@@ -46,6 +46,8 @@ def config_from_hf(hf: dict) -> LMConfig:
     if rope_type != "default":
         raise ValueError(f"config.json asks for rope scaling {rope_type!r}; only unscaled rotary embeddings are supported")
     heads = hf["num_attention_heads"]
+    if hf["hidden_size"] % heads:
+        raise ValueError(f"config.json: hidden_size {hf['hidden_size']} is not divisible by num_attention_heads {heads}")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
         raise ValueError(f"config.json field 'head_dim' is {head_dim}; only hidden_size / num_attention_heads is supported")
@@ -153,7 +155,6 @@ def load_decoder(
     decoder.load_state_dict(tensors, strict=not config.tie_embeddings, assign=True)
     if config.tie_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
-    decoder.init_rotary(device)
     return decoder
 
 

@@ -23,6 +23,8 @@ def next_token_targets(labels: torch.Tensor, layout: SeqLayout | None = None) ->
     loss is taken). In packed rows the last token of a sample never predicts the first token of
     the next one.
     """
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be [batch, tokens], got shape {tuple(labels.shape)}")
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     if layout is not None and layout.is_packed:
@@ -49,6 +51,8 @@ def chunked_cross_entropy(
     Only labelled positions are gathered, and logits are computed chunk_size rows at a time (in
     fp32 for the softmax).
     """
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match hidden states {tuple(hidden.shape[:-1])}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)

@@ -32,18 +32,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        # Not persistent: it is derived from the config, so checkpoints do not carry it.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [B, T, 1, head_dim] for rotary embeddings, as Hugging Face Llama computes them.
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, 1, head_dim], computed in fp32 then cast to `dtype`."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    The frequencies are derived from the config at every call, in fp32, rather than kept in a
+    buffer: a buffer would hold garbage after building on the meta device, and `.to(bfloat16)`
+    would round it (a phase error of several radians at position 8k).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,7 +168,6 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         # Recompute each block in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
         self.init_weights()
@@ -188,11 +189,6 @@ class Decoder(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def init_rotary(self, device: torch.device | str | None = None) -> None:
-        """Recompute the rotary frequencies, which checkpoints do not carry (e.g. after building the
-        model on the meta device and assigning its weights)."""
-        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta).to(device)
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
@@ -207,18 +203,30 @@ class Decoder(nn.Module):
         """Final (normalized) hidden states [B, T, d_model]; the output head is not applied."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"inputs_embeds must be [batch, tokens, {self.config.d_model}], got {tuple(x.shape)}")
         batch, tokens, _ = x.shape
         layout = layout or SeqLayout()
+        offset = 0
         if cache is not None:
             if layout.is_packed:
                 raise ValueError("a KV cache works with plain rows, not packed rows")
             if cache.length + tokens > cache.max_tokens:
                 raise ValueError(f"KV cache holds {cache.max_tokens} tokens; {cache.length} used + {tokens} new")
+            if cache.keys[0].dtype != x.dtype or cache.keys[0].device != x.device:
+                raise ValueError(f"KV cache is {cache.keys[0].dtype} on {cache.keys[0].device} but the model runs "
+                                 f"{x.dtype} on {x.device}; allocate it with the model's dtype and device")
+            offset = cache.length
         if position_ids is None:
-            offset = cache.length if cache is not None else 0
+            if not layout.is_packed and offset + tokens > self.config.max_seq_len:
+                raise ValueError(f"{offset + tokens} positions exceed the model's max_seq_len {self.config.max_seq_len}")
             position_ids = layout.position_ids(batch, tokens, x.device) + offset
-        rope = self.rotary(position_ids, x.dtype)
+        elif position_ids.shape != (batch, tokens):
+            raise ValueError(f"position_ids must be [{batch}, {tokens}], got {tuple(position_ids.shape)}")
+        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, layout, cache, i, use_reentrant=False)

@@ -31,7 +31,7 @@ def test_saved_decoder_loads_in_transformers(decoder, ids, tmp_path, max_shard_b
     sharded = (tmp_path / "model.safetensors.index.json").exists()
     assert sharded == (max_shard_bytes < 2**20)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert hf.config.rope_theta == 5_000.0 if hasattr(hf.config, "rope_theta") else True
+    assert hf.config.rope_parameters["rope_theta"] == 5_000.0
     torch.testing.assert_close(hf(input_ids=ids).logits, decoder(ids), atol=1e-5, rtol=0)
     reloaded = load_decoder(tmp_path)
     for name, tensor in decoder.state_dict().items():

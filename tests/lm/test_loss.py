@@ -48,3 +48,10 @@ def test_next_token_targets_shift_and_never_cross_packed_samples():
     packed = next_token_targets(labels, SeqLayout.packed([[3, 2, 1]]))
     # 12 must not predict 20, 21 must not predict 30: they belong to different samples.
     assert packed.tolist() == [[11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_misaligned_targets_are_refused():
+    with pytest.raises(ValueError, match=r"targets \(1, 4\) do not match hidden states \(1, 5\)"):
+        chunked_cross_entropy(torch.randn(1, 5, 8), torch.randn(30, 8), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be \[batch, tokens\]"):
+        next_token_targets(torch.zeros(5, dtype=torch.long))

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from lm import Decoder, KVCache, LMConfig, SeqLayout
+from lm.model import rotary_cos_sin
 
 
 def small_config(kv_heads: int) -> LMConfig:
@@ -195,3 +196,45 @@ def test_auto_backend_is_sdpa_on_cpu_with_equal_numbers():
     ids = torch.randint(0, 512, (2, 9))
     layout = SeqLayout.packed([[4, 5], [9]])
     torch.testing.assert_close(auto(ids, layout=layout), sdpa(ids, layout=layout), atol=0, rtol=0)
+
+
+def test_meta_construction_then_init_weights_gives_a_working_model():
+    # The route of sharded training: build on meta, materialize, initialize.
+    with torch.device("meta"):
+        decoder = Decoder(small_config(2))
+    decoder.to_empty(device="cpu")
+    decoder.init_weights()
+    reference = hf_twin(decoder)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(ids), reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_bf16_rotary_tables_equal_hugging_face_at_long_positions(tmp_path):
+    # Frequencies stay fp32 whatever the model dtype (a bf16 copy would be off by radians at 8k).
+    torch.manual_seed(0)
+    decoder = Decoder(small_config(2)).eval()
+    hf_twin(decoder).save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    positions = torch.arange(8000, 8016)[None]
+    x = torch.zeros(1, 16, 64, dtype=torch.bfloat16)
+    hf_cos, hf_sin = hf.model.rotary_emb(x, positions)
+    cos, sin = rotary_cos_sin(positions, 16, 10_000.0, torch.bfloat16)
+    assert torch.equal(cos[:, :, 0], hf_cos) and torch.equal(sin[:, :, 0], hf_sin)
+    assert not any(b.is_floating_point() for b in decoder.to(torch.bfloat16).buffers())
+
+
+def test_bad_inputs_get_clear_errors():
+    decoder = Decoder(small_config(2))
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\]"):
+        decoder(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position_ids must be \[1, 4\]"):
+        decoder(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.arange(5)[None])
+    with pytest.raises(ValueError, match="exceed the model's max_seq_len 128"):
+        decoder(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, tokens, 64\]"):
+        decoder(inputs_embeds=torch.zeros(1, 4, 65))
+    cache = KVCache.allocate(decoder.config, batch=1, max_tokens=8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="KV cache is torch.bfloat16"):
+        decoder(torch.zeros(1, 4, dtype=torch.long), cache=cache)
