@@ -18,18 +18,25 @@ Saved format (`save_pretrained`): a directory with
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import projector as projectors
 from encoders import OpenCLIPEncoder
+from encoders.transforms import ImageTransform, encoder_transform
 from lm import Decoder, LMConfig
 from lm.loss import chunked_cross_entropy, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
+from multimodal import generation
 from multimodal.batch import Batch
+from multimodal.conversation import IMAGE_MARKER, count_images, messages_from_json, tokenize_conversation
+from multimodal.prompts import caption_prompt
 
 FORMAT = "salamandra-vision"
 FORMAT_VERSION = 1
@@ -107,6 +114,107 @@ class VisionLanguageModel(nn.Module):
         logits = self.decoder.lm_head(hidden) if return_logits or batch.labels is None else None
         return loss, logits
 
+    # --- inference ---------------------------------------------------------------------------
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """The encoder's eval preprocessing (PIL image -> normalized tensor), built on first use."""
+        transform = self.__dict__.get("_image_transform")
+        if transform is None:
+            transform = encoder_transform(self.encoder)
+            self.__dict__["_image_transform"] = transform
+        return transform
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
+        """[N, 3, S, S] pixels for `images` (None for no images), on the encoder's device and dtype."""
+        if len(images) == 0:
+            return None
+        weight = next(self.encoder.parameters())
+        return torch.stack([self.image_transform(image) for image in images]).to(weight.device, weight.dtype)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
+        config: generation.GenerationConfig | None = None, **options: Any,
+    ) -> list[list[int]]:
+        """New token ids per prompt; see `multimodal.generation.generate`. `options` override
+        fields of `config` (max_new_tokens, temperature, top_p, seed, stop_ids)."""
+        return generation.generate(self, prompts, pixels, generation.generation_config(config, **options))
+
+    def caption(
+        self, image: Image.Image | Sequence[Image.Image], language: str = "en", prompt: str | None = None,
+        batch_size: int = 16, **generation_options: Any,
+    ) -> str | list[str]:
+        """A caption of `image` (a str), or of each image of a list (a list, decoded `batch_size`
+        at a time). The question is `prompt`, by default the canonical caption prompt of `language`
+        (en, es, ca), asked as in training: one user turn with the image before the question."""
+        single = isinstance(image, Image.Image)
+        images = [image] if single else list(image)
+        for index, item in enumerate(images):
+            if not isinstance(item, Image.Image):
+                raise TypeError(f"image {index} is a {type(item).__name__}, not a PIL.Image.Image")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        question = caption_prompt(language) if prompt is None else prompt
+        # The same user turn as multimodal.conversation.caption_messages builds for training; a
+        # custom prompt may place the image marker itself.
+        content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
+        messages = [{"role": "user", "content": content}]
+        ids = self._prompt_ids(messages)
+        config = generation.generation_config(**generation_options)
+        captions = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            new_ids = generation.generate(self, [ids] * len(chunk), self.preprocess(chunk), config)
+            captions += [self.tokenizer.decode(i) for i in new_ids]
+        return captions[0] if single else captions
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
+        **generation_options: Any,
+    ) -> str:
+        """The assistant's answer to `messages` ({"role", "content"} dicts; `<image>` in a content
+        marks where each of `images` goes, in order; without markers the images go at the start of
+        the first user turn)."""
+        ids, pixels = self._chat_inputs(messages, images)
+        config = generation.generation_config(**generation_options)
+        return self.tokenizer.decode(generation.generate(self, [ids], pixels, config)[0])
+
+    def stream_chat(
+        self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
+        **generation_options: Any,
+    ) -> Iterator[str]:
+        """`chat`, as text pieces while they are generated; joined they equal `chat`'s answer."""
+        ids, pixels = self._chat_inputs(messages, images)
+        config = generation.generation_config(**generation_options)
+        return generation.stream(self, ids, pixels, config)
+
+    def _prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return tokenize_conversation(messages, self.tokenizer, self.image_token_id, self.num_image_tokens,
+                                     add_generation_prompt=True).input_ids
+
+    def _chat_inputs(
+        self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images or [])
+        # Also accepts LLaVA roles (human / gpt) and content given as a list of text / image parts.
+        messages = list(messages)
+        llava = bool(messages) and isinstance(messages[0], Mapping) and "from" in messages[0]
+        messages = messages_from_json({"conversations" if llava else "messages": messages})
+        if messages[-1]["role"] == "assistant":
+            raise ValueError("the last message is the assistant's; chat answers a user (or system) message")
+        markers = count_images(messages)
+        if markers == 0 and images:
+            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first_user is None:
+                raise ValueError("images were given but there is no user message to attach them to")
+            content = IMAGE_MARKER + "\n"
+            messages[first_user] = {"role": "user", "content": content * len(images) + messages[first_user]["content"]}
+        elif markers != len(images):
+            raise ValueError(f"the messages hold {markers} {IMAGE_MARKER} markers but {len(images)} images were given")
+        return self._prompt_ids(messages), self.preprocess(images)
+
     def config(self) -> dict:
         return {
             "format": FORMAT,
@@ -166,7 +274,6 @@ class VisionLanguageModel(nn.Module):
         model.load_state_dict(state, assign=True)
         if model.decoder.config.tie_embeddings:
             model.decoder.lm_head.weight = model.decoder.model.embed_tokens.weight
-        model.decoder.init_rotary(device)
         leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
             raise RuntimeError(f"tensors not restored from the checkpoint: {leftover[:8]}")

@@ -1,0 +1,111 @@
+"""Bytes -> Python values: text, JSON, RGB images; or a SkipSample that says why not.
+
+Everything a shard holds is untrusted: a file can be truncated, mis-encoded or not what its
+extension claims. Each decoder here either returns a clean value or raises `SkipSample` with a
+short machine-readable reason, which the pipeline counts and logs; nothing else escapes for bad
+input. The full matrix of bad inputs (and limits such as a stricter pixel budget) belongs here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Why a sample (or a shard) was skipped. The pipeline counts skips under these names, the training
+# loop logs them, so they are part of the interface: add new ones, do not rename.
+SHARD_ERROR = "shard_error"                # the shard could not be opened or its tar stream broke off
+SPLIT_SAMPLE = "split_sample"              # a key's files are not contiguous in the tar
+DUPLICATE_FILE = "duplicate_file"          # the same file name twice in one sample
+MISSING_TEXT = "missing_text"              # neither txt nor a json conversation
+EMPTY_TEXT = "empty_text"                  # txt with nothing but whitespace
+NOT_UTF8 = "not_utf8"                      # txt or json that is not UTF-8
+INVALID_JSON = "invalid_json"              # json that does not parse, or is not an object
+BAD_CONVERSATION = "bad_conversation"      # malformed turns, unknown roles, text that breaks ChatML
+UNKNOWN_LANGUAGE = "unknown_language"      # a caption in a language with no prompt pool
+BAD_IMAGE_NAMES = "bad_image_names"        # images that cannot be put in order (0.jpg, 2.jpg; jpg + png)
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # <image> markers do not match the images
+NO_LABELS = "no_labels"                    # nothing to learn (no assistant turn)
+TOO_LONG = "too_long"                      # more tokens than max_tokens
+IMAGE_UNDECODABLE = "image_undecodable"    # truncated, corrupt or unknown image bytes
+IMAGE_TOO_LARGE = "image_too_large"        # Pillow's decompression-bomb guard
+UNEXPECTED_ERROR = "unexpected_error"      # a bug or an input nobody foresaw; logged with the exception
+
+
+class SkipSample(Exception):
+    """Raised for input that cannot become a training sample; `reason` is one of the names above."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text, stripped; raises SkipSample for bytes that are not UTF-8 or hold no text."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SkipSample(NOT_UTF8, str(error)) from None
+    text = text.strip()
+    if not text:
+        raise SkipSample(EMPTY_TEXT)
+    return text
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    """A JSON object; raises SkipSample for bytes that are not UTF-8, not JSON, or not an object."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SkipSample(NOT_UTF8, f"json: {error}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SkipSample(INVALID_JSON, str(error)) from None
+    if not isinstance(record, dict):
+        raise SkipSample(INVALID_JSON, f"expected an object, got {type(record).__name__}")
+    return record
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An RGB image from encoded bytes (any format Pillow reads); the first frame of an animation."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # Image.open only reads the header; truncation shows up here
+        return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise SkipSample(IMAGE_TOO_LARGE, str(error)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        # SyntaxError is what some Pillow plugins raise for malformed headers.
+        raise SkipSample(IMAGE_UNDECODABLE, f"{type(error).__name__}: {error}") from None
+
+
+# 16-bit grayscale comes in several spellings; "I" (32-bit) is what older Pillow versions and some
+# TIFFs give for 16-bit data, so it is read on the same 0..65535 scale.
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a viewer would show it.
+
+    Pillow's plain `convert("RGB")` gets two cases wrong for training: transparent pixels keep
+    whatever colour they happen to store (often black), where a viewer shows the page behind them,
+    white; and 16-bit grayscale is clipped at 255, turning most of the image white instead of
+    scaling it down.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _WIDE_GRAY_MODES:
+        gray = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...

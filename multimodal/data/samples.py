@@ -1,0 +1,191 @@
+"""One WebDataset sample (the files of one key) -> one tokenized, model-ready sample.
+
+Three kinds, told apart by the files present (see DESIGN.md "Data format"):
+- conversation: a `json` with `conversations` (LLaVA) or `messages` (role/content), any number of
+  images (`jpg` / `jpeg` / `png` / `webp`, or `0.jpg`, `1.png`, ... in order);
+- caption: an image and a `txt`; the user asks for a description (a prompt drawn from the pool of
+  the sample's language) and the caption is the answer. img2dataset writes exactly this (its `json`
+  is metadata without a conversation, and usually without a language);
+- text: a `txt` without an image, a plain LM sample (or a `json` conversation without images).
+
+The work is ordered cheapest first: text, JSON and tokenization (which knows the length, since an
+image's token count is fixed) run before any image is decoded, so a too-long or malformed sample
+costs no image decoding.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lm.loss import IGNORE_INDEX
+from lm.tokenizer import Tokenizer
+from multimodal.conversation import (
+    IMAGE_MARKER,
+    TokenizedConversation,
+    caption_messages,
+    count_images,
+    messages_from_json,
+    tokenize_conversation,
+    tokenize_text,
+)
+from multimodal.data.decode import (
+    BAD_CONVERSATION,
+    BAD_IMAGE_NAMES,
+    MISSING_TEXT,
+    NO_LABELS,
+    PLACEHOLDER_MISMATCH,
+    TOO_LONG,
+    UNKNOWN_LANGUAGE,
+    SkipSample,
+    decode_image,
+    decode_json,
+    decode_text,
+)
+from multimodal.prompts import CAPTION_PROMPTS
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_NUMBERED_IMAGE = re.compile(r"(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + r")")
+
+
+@dataclass
+class TokenizedSample:
+    """A sample ready to pack: ids and labels (placeholders expanded), its images in placeholder
+    order ([3, H, W] each, already through the encoder's transform), and its WebDataset key."""
+
+    key: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What turning a raw sample into tokens needs; frozen and picklable, for DataLoader workers."""
+
+    tokenizer: Tokenizer
+    image_transform: Callable[[Image.Image], torch.Tensor]
+    image_token_id: int
+    num_image_tokens: int
+    max_tokens: int
+    seed: int = 0
+    default_language: str = "en"
+
+
+def image_fields(sample: Mapping[str, Any]) -> list[str]:
+    """The sample's image file suffixes in placeholder order; SkipSample if the order is unclear."""
+    single = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
+    numbered = []
+    for name in sample:
+        match = _NUMBERED_IMAGE.fullmatch(name)
+        if match:
+            numbered.append((int(match.group(1)), name))
+    if single and numbered:
+        raise SkipSample(BAD_IMAGE_NAMES, f"both {single[0]!r} and numbered images ({numbered[0][1]!r}, ...)")
+    if len(single) > 1:
+        raise SkipSample(BAD_IMAGE_NAMES, f"several unnumbered images {single}; number them 0.jpg, 1.jpg, ...")
+    if single:
+        return single
+    numbered.sort()
+    indices = [index for index, _ in numbered]
+    if indices != list(range(len(indices))):
+        # A gap means a lost image, and every later image would move to the wrong placeholder.
+        raise SkipSample(BAD_IMAGE_NAMES, f"numbered images must be 0, 1, 2, ... without gaps; got {indices}")
+    return [name for _, name in numbered]
+
+
+def caption_language(record: Mapping[str, Any] | None, default_language: str) -> str:
+    """The language of a caption: the sample json's "language" when present, else the default."""
+    language = record.get("language") if record else None
+    if language is None:
+        return default_language
+    if not isinstance(language, str) or language not in CAPTION_PROMPTS:
+        raise SkipSample(UNKNOWN_LANGUAGE, f"{language!r}; caption prompts exist for {sorted(CAPTION_PROMPTS)}")
+    return language
+
+
+def prompt_rng(seed: int, key: str) -> random.Random:
+    """The RNG that picks a caption's prompt: the same (seed, key) gives the same prompt in every
+    run, worker and epoch (a str seed is hashed with SHA-512, not Python's per-process hash)."""
+    return random.Random(f"caption-prompt:{seed}:{key}")
+
+
+def with_image_markers(messages: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
+    """Check the `<image>` markers against the images. A conversation that has images but no marker
+    at all gets them at the start of its first user turn (LLaVA's convention)."""
+    markers = count_images(messages)
+    if markers == 0 and num_images > 0:
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first_user is None:
+            raise SkipSample(BAD_CONVERSATION, f"{num_images} images but no user turn to put them in")
+        messages = [dict(m) for m in messages]
+        messages[first_user]["content"] = f"{IMAGE_MARKER}\n" * num_images + messages[first_user]["content"]
+    elif markers != num_images:
+        raise SkipSample(PLACEHOLDER_MISMATCH, f"{markers} {IMAGE_MARKER} markers for {num_images} images")
+    return messages
+
+
+def tokenize_sample(sample: Mapping[str, Any], image_names: list[str], settings: SampleSettings) -> TokenizedConversation:
+    """Ids and labels of a raw sample whose images are `image_names` (not yet decoded)."""
+    record = decode_json(sample["json"]) if "json" in sample else None
+    is_conversation = record is not None and ("conversations" in record or "messages" in record)
+
+    if is_conversation:
+        try:
+            messages = messages_from_json(record)
+        except ValueError as error:
+            raise SkipSample(BAD_CONVERSATION, str(error)) from None
+        messages = with_image_markers(messages, len(image_names))
+    elif "txt" in sample:
+        text = decode_text(sample["txt"])
+        if not image_names:
+            return tokenize_text(text, settings.tokenizer)
+        if len(image_names) != 1:
+            raise SkipSample(PLACEHOLDER_MISMATCH, f"a caption is for one image, the sample has {len(image_names)}")
+        language = caption_language(record, settings.default_language)
+        messages = caption_messages(text, language, prompt_rng(settings.seed, sample["__key__"]))
+        if count_images(messages) != 1:  # the caption itself contains "<image>"
+            raise SkipSample(PLACEHOLDER_MISMATCH, f"the caption contains {IMAGE_MARKER}")
+    else:
+        raise SkipSample(MISSING_TEXT, "no txt and no json conversation")
+
+    try:
+        return tokenize_conversation(messages, settings.tokenizer, settings.image_token_id, settings.num_image_tokens)
+    except ValueError as error:  # text that would break ChatML, or holds the placeholder token
+        raise SkipSample(BAD_CONVERSATION, str(error)) from None
+
+
+def check_tokens(tokens: TokenizedConversation, num_images: int, settings: SampleSettings) -> None:
+    """What the model relies on, checked on the final ids whatever path made them."""
+    if len(tokens.input_ids) > settings.max_tokens:
+        raise SkipSample(TOO_LONG, f"{len(tokens.input_ids)} tokens > max_tokens {settings.max_tokens}")
+    # Plain text can spell the placeholder token (the tokenizer maps its text to the id); an image
+    # placeholder without its image would make the model's forward pass fail on the whole batch.
+    placeholders = tokens.input_ids.count(settings.image_token_id)
+    if placeholders != num_images * settings.num_image_tokens:
+        raise SkipSample(PLACEHOLDER_MISMATCH,
+                         f"{placeholders} placeholder tokens for {num_images} images of {settings.num_image_tokens}")
+    # A batch of samples with nothing to learn has no loss at all (0 / 0).
+    if all(label == IGNORE_INDEX for label in tokens.labels):
+        raise SkipSample(NO_LABELS, "no assistant turn")
+
+
+def to_tokenized_sample(sample: Mapping[str, Any], settings: SampleSettings) -> TokenizedSample:
+    """A raw WebDataset sample (file suffix -> bytes, plus `__key__`) -> TokenizedSample.
+
+    Raises SkipSample for anything that cannot be trained on.
+    """
+    image_names = image_fields(sample)
+    tokens = tokenize_sample(sample, image_names, settings)
+    check_tokens(tokens, len(image_names), settings)
+    images = [settings.image_transform(decode_image(sample[name])) for name in image_names]
+    return TokenizedSample(sample["__key__"], tokens.input_ids, tokens.labels, images)

@@ -1,0 +1,247 @@
+"""KV-cached decoding for VisionLanguageModel: greedy and sampling, stop tokens, batches, streaming.
+
+Several prompts of different lengths decode together. They are left-padded to one width so that
+every row's next token is written to the same cache slot; the cache's `valid` mask hides the padding
+slots from attention, and explicit position ids start each prompt at 0, so a padded row computes
+exactly what the prompt alone would (up to float rounding). Image placeholders are spliced by
+`model.embed` in the prefill pass, as in training; later steps only embed the new text token.
+
+Each row stops on its own at a stop token (`<|im_end|>` or EOS by default), which is not returned;
+decoding ends when every row has stopped or `max_new_tokens` are out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lm import KVCache
+from lm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from multimodal.model import VisionLanguageModel
+
+__all__ = ["GenerationConfig", "IncrementalDecoder", "generate", "generation_config", "stream"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick new tokens.
+
+    temperature 0 is greedy (argmax; top_p and seed are then unused). Otherwise logits are divided
+    by the temperature and sampled from the smallest set of most likely tokens whose probability
+    reaches top_p (nucleus sampling; 1.0 keeps the whole vocabulary). A seed makes sampling
+    reproducible; without one the global torch RNG is used. stop_ids None means the tokenizer's
+    `<|im_end|>` and EOS; an empty tuple never stops early.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.stop_ids is not None:
+            object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    def resolved_stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        return (tokenizer.im_end_id, tokenizer.eos_id) if self.stop_ids is None else self.stop_ids
+
+
+def generation_config(config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
+    """`config` with `options` (GenerationConfig field names) replacing its values; a misspelt option
+    is an error rather than silently ignored."""
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown generation options {unknown}; valid: {sorted(names)}")
+    base = config or GenerationConfig()
+    return GenerationConfig(**{**{n: getattr(base, n) for n in names}, **options})
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    """eval() and inference_mode for one stretch of work, then every module's own training flag
+    back (a frozen encoder may sit in eval while the rest trains). Entered per step rather than
+    around a whole stream, so a caller holding a stream iterator is never left in inference mode."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _select(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from fp32 logits [B, V]."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # Stable sort: among equal probabilities the lowest id comes first, as with argmax, so a tiny
+    # top_p gives exactly the greedy choice.
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    # A token stays when the more likely ones fall short of top_p; the first always stays.
+    sorted_probs = sorted_probs.masked_fill(mass_before >= config.top_p, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice)[:, 0]
+
+
+def _check_prompts(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+    if len(prompts) == 0:
+        raise ValueError("no prompts to generate from: pass at least one list of token ids")
+    limit = model.decoder.config.max_seq_len
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; a prompt needs at least one token (BOS)")
+        if len(prompt) + config.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={config.max_new_tokens} that passes "
+                f"the decoder's max_seq_len of {limit}: keep prompts within {limit - config.max_new_tokens} tokens "
+                "or lower max_new_tokens"
+            )
+
+
+def _decode_steps(
+    model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
+    config: GenerationConfig,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token, or None for a row that has stopped (the stop token
+    itself is never yielded). Model work runs under `_inference`, which is never held over a yield."""
+    _check_prompts(model, prompts, config)
+    decoder = model.decoder
+    weight = decoder.model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    stop_ids = torch.tensor(config.resolved_stop_ids(model.tokenizer), dtype=torch.long, device=device)
+    generator = None
+    if config.temperature > 0 and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    with _inference(model):
+        pad_id = model.tokenizer.pad_id
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + [int(t) for t in p] for p in prompts], device=device)
+        # Row r's first real token sits in column width - len(r) and gets position 0; the padding
+        # columns get negative numbers, clamped (they are masked out and never attended to).
+        position_ids = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]
+        cache = KVCache.allocate(decoder.config, batch, width + config.max_new_tokens, device=device, dtype=dtype)
+        cache.valid[:, :width] = position_ids >= 0
+        position_ids = position_ids.clamp(min=0)
+        if pixels is not None:
+            pixels = pixels.to(device=device, dtype=next(model.encoder.parameters()).dtype)
+        embeds = model.embed(input_ids, pixels)
+        hidden = decoder.hidden_states(inputs_embeds=embeds, position_ids=position_ids, cache=cache)
+        # Left padding puts every row's last prompt token in the last column; the output head (256k
+        # wide for Salamandra) runs on that column only.
+        logits = decoder.lm_head(hidden[:, -1]).float()
+        running = torch.ones(batch, dtype=torch.bool, device=device)
+
+    for step in range(config.max_new_tokens):
+        with _inference(model):
+            tokens = _select(logits, config, generator)
+            running = running & ~torch.isin(tokens, stop_ids)
+        # One host sync per step: stopping needs to know anyway.
+        yield [t if alive else None for t, alive in zip(tokens.tolist(), running.tolist())]
+        if step + 1 == config.max_new_tokens or not running.any():
+            return
+        with _inference(model):
+            # A stopped row keeps decoding its stop token; its outputs are ignored, and a batch is
+            # not worth reshaping mid-flight.
+            hidden = decoder.hidden_states(tokens[:, None], position_ids=(lengths + step)[:, None], cache=cache)
+            logits = decoder.lm_head(hidden[:, -1]).float()
+
+
+def generate(
+    model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (stop token excluded), decoding all prompts in one batch.
+
+    prompts: token ids, each image already expanded to `model.num_image_tokens` placeholders (as
+    `tokenize_conversation` gives them). pixels: [N, 3, H, W], the images of all prompts in prompt
+    order, or None. Raises ValueError for no prompts, an empty prompt, or a prompt that leaves no
+    room for max_new_tokens within the decoder's max_seq_len.
+    """
+    config = config or GenerationConfig()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step_tokens in _decode_steps(model, prompts, pixels, config):
+        for row, token in enumerate(step_tokens):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+class IncrementalDecoder:
+    """Turns token ids, fed one by one, into text pieces whose concatenation is the decode of all ids.
+
+    A character outside the vocabulary arrives as several byte-fallback tokens (``<0xF0>`` ...), and
+    the decoder turns each run of consecutive byte tokens into text as a whole: valid UTF-8 becomes
+    its characters, anything else one U+FFFD per byte. So the text of a run can change with every
+    byte that joins it (a complete emoji becomes four U+FFFD when a stray byte follows). Text is
+    therefore emitted only up to the last token that closes a run: one that is neither a byte token
+    nor a special token (special tokens are dropped before decoding, so bytes on both sides of one
+    join into a single run). `finish` emits the rest.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+        self._run_tokens = {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+        self._run_tokens |= {i for i, token in tokenizer.backend.get_added_tokens_decoder().items() if token.special}
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        if self.ids[-1] in self._run_tokens:
+            return ""
+        # Decoding the whole text each time costs microseconds per hundred tokens, negligible next
+        # to a decoder step, and needs no assumption about how the pieces of a suffix would join.
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def finish(self) -> str:
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        # Text before a closed run is final with the byte-fallback decoders Salamandra's tokenizers
+        # use; the check guards against a decoder that would rewrite it, by waiting for it to settle.
+        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+
+def stream(
+    model: VisionLanguageModel, prompt: Sequence[int], pixels: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+) -> Iterator[str]:
+    """Text pieces of one prompt's answer as its tokens arrive; joined, they equal
+    `model.tokenizer.decode(generate(model, [prompt], pixels, config)[0])`. Pieces are never empty."""
+    config = config or GenerationConfig()
+    text = IncrementalDecoder(model.tokenizer)
+    for (token,) in _decode_steps(model, [prompt], pixels, config):
+        if token is None:
+            break
+        piece = text.push(token)
+        if piece:
+            yield piece
+    rest = text.finish()
+    if rest:
+        yield rest

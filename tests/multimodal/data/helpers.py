@@ -1,0 +1,162 @@
+"""Shards written by the tests: every sample kind, each image a solid colour unique to its sample,
+each text naming its sample's key, so a test can tell from a Batch which image went with which text."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+from webdataset import TarWriter
+
+from encoders.transforms import encoder_transform
+from lm.attention import SeqLayout
+from tests.multimodal.tiny import build_tiny_vlm
+
+IMAGE_SIZE = 32  # the tiny tower's input size: images pass the transform unresized, colours exact
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    tokenizer: object
+    transform: object
+    image_token_id: int
+    num_image_tokens: int
+
+
+@lru_cache(maxsize=None)
+def model_parts(tokenizer) -> ModelParts:
+    vlm = build_tiny_vlm(tokenizer)
+    return ModelParts(tokenizer, encoder_transform(vlm.encoder), vlm.image_token_id, vlm.num_image_tokens)
+
+
+def colour(index: int, image: int = 0) -> tuple[int, int, int]:
+    """A colour per (sample, image), distinct for index < 1000 and image < 3."""
+    n = index * 3 + image
+    return (n * 7) % 256, (n // 37 * 11 + 40) % 256, (n * 13 + n // 256 * 101) % 256
+
+
+def image_bytes(rgb: tuple[int, int, int], fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), rgb).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@dataclass
+class Expected:
+    """What a sample should become: its images' colours in placeholder order and a text it contains."""
+
+    key: str
+    colours: list[tuple[int, int, int]] = field(default_factory=list)
+    text: str = ""
+
+
+KINDS = ("caption", "caption_es", "llava_1", "messages_2", "no_marker", "json_text", "plain_text", "llava_0")
+
+
+def make_sample(index: int) -> tuple[dict[str, bytes], Expected]:
+    """One sample of kind KINDS[index % len(KINDS)]; its key is "s{index:04d}"."""
+    key = f"s{index:04d}"
+    kind = KINDS[index % len(KINDS)]
+    mark = f"about {key}"
+    files: dict[str, bytes] = {"__key__": key}
+    colours = []
+    if kind in ("caption", "caption_es"):
+        colours = [colour(index)]
+        files["png" if index % 2 else "jpg"] = image_bytes(colours[0], "PNG" if index % 2 else "JPEG")
+        files["txt"] = f"A red circle {mark}.".encode()
+        meta = {"url": "http://example.com/x.jpg", "caption": "ignored", "width": 32}  # img2dataset style
+        if kind == "caption_es":
+            meta["language"] = "es"
+        files["json"] = json.dumps(meta).encode()
+    elif kind == "llava_1":
+        colours = [colour(index)]
+        files["png"] = image_bytes(colours[0])
+        files["json"] = json.dumps({"conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": f"A circle {mark}."}]}).encode()
+    elif kind == "messages_2":
+        colours = [colour(index, 0), colour(index, 1)]
+        files["0.png"] = image_bytes(colours[0])
+        files["1.webp"] = image_bytes(colours[1], "WEBP")
+        files["json"] = json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " and "},
+                                         {"type": "image"}, {"type": "text", "text": " compare"}]},
+            {"role": "assistant", "content": f"Two shapes {mark}."}]}).encode()
+    elif kind == "no_marker":  # images but no <image>: markers go to the start of the first user turn
+        colours = [colour(index, 0), colour(index, 1)]
+        files["0.png"] = image_bytes(colours[0])
+        files["1.png"] = image_bytes(colours[1])
+        files["json"] = json.dumps({"conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Describe."},
+            {"from": "gpt", "value": f"Squares {mark}."}]}).encode()
+    elif kind == "json_text":
+        files["json"] = json.dumps({"messages": [
+            {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": f"Hi {mark}."}]}).encode()
+    elif kind == "plain_text":
+        files["txt"] = f"Un cercle vermell {mark}.".encode()
+    else:  # llava_0: a conversation without images
+        files["json"] = json.dumps({"conversations": [
+            {"from": "human", "value": "Count."}, {"from": "gpt", "value": f"One two {mark}."}]}).encode()
+    return files, Expected(key, colours, mark)
+
+
+def write_shards(directory: Path, num_samples: int, num_shards: int, start: int = 0,
+                 name: str = "train") -> tuple[list[str], dict[str, Expected]]:
+    """`num_shards` shards named {name}-000.tar ..., samples dealt out contiguously."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, expected = [], {}
+    per_shard = -(-num_samples // num_shards)
+    for shard in range(num_shards):
+        path = directory / f"{name}-{shard:03d}.tar"
+        with TarWriter(str(path)) as writer:
+            for index in range(start + shard * per_shard, start + min(num_samples, (shard + 1) * per_shard)):
+                files, exp = make_sample(index)
+                writer.write(files)
+                expected[exp.key] = exp
+        paths.append(str(path))
+    return paths, expected
+
+
+def split_rows(input_ids: torch.Tensor, layout: SeqLayout) -> list[list[list[int]]]:
+    """Per row, the token ids of each packed sample."""
+    rows = []
+    for r, lengths in enumerate(layout.seq_lens):
+        start, samples = 0, []
+        for n in lengths:
+            samples.append(input_ids[r, start:start + n].tolist())
+            start += n
+        rows.append(samples)
+    return rows
+
+
+def pixel_colour(pixels: torch.Tensor, transform) -> tuple[int, int, int]:
+    """The mean colour of a transformed image back in 0..255."""
+    mean = torch.tensor(transform.mean).view(3, 1, 1)
+    std = torch.tensor(transform.std).view(3, 1, 1)
+    rgb = (pixels * std + mean).mul(255).mean(dim=(1, 2))
+    return tuple(int(round(v)) for v in rgb.tolist())
+
+
+def check_batch(batch, keys: list[list[str]], expected: dict[str, Expected], parts: ModelParts) -> None:
+    """Each packed sample is the one its key says (its text), with its own images at its placeholders."""
+    tokenizer = parts.tokenizer
+    assert batch.input_ids.shape[0] == len(keys) == len(batch.layout.seq_lens)
+    image_index = 0
+    for row_keys, row_samples in zip(keys, split_rows(batch.input_ids, batch.layout)):
+        assert len(row_keys) == len(row_samples)
+        for key, ids in zip(row_keys, row_samples):
+            exp = expected[key]
+            assert exp.text in tokenizer.decode(ids), (key, tokenizer.decode(ids))
+            assert ids.count(parts.image_token_id) == parts.num_image_tokens * len(exp.colours)
+            for want in exp.colours:
+                got = pixel_colour(batch.pixels[image_index], parts.transform)
+                assert max(abs(a - b) for a, b in zip(got, want)) <= 4, (key, got, want)  # JPEG rounding
+                image_index += 1
+    assert image_index == (0 if batch.pixels is None else batch.pixels.shape[0])
