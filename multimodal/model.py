@@ -7,7 +7,7 @@ vocabulary (and the decoder's embedding matrix) keeps its size.
 
 Saved format (`save_pretrained`): a directory with
 - `config.json`: {"format": "salamandra-vision", "format_version": 1, "encoder": {...},
-  "projector": {...}, "decoder": {...LMConfig fields...}, "image_token_id": int, "dtype": str};
+  "projector": {...}, "decoder": {...LMConfig fields...}, "image_token_id": int};
   each component section rebuilds its architecture (`OpenCLIPEncoder(**encoder)`,
   `projector.build(**projector)`, `LMConfig(**decoder)`);
 - `model.safetensors`: every weight, named `encoder.*` (open_clip's own names), `projector.*`,
@@ -31,6 +31,7 @@ import projector as projectors
 from encoders import OpenCLIPEncoder
 from encoders.transforms import ImageTransform, encoder_transform
 from lm import Decoder, LMConfig
+from lm.attention import SeqLayout
 from lm.loss import chunked_cross_entropy, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
@@ -55,11 +56,16 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"projector output width {projector.out_dim} != decoder width {decoder.config.d_model}")
         if not 0 <= image_token_id < decoder.config.vocab_size:
             raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (0..{decoder.config.vocab_size - 1})")
+        if tokenizer.vocab_size > decoder.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the decoder's vocabulary is "
+                             f"{decoder.config.vocab_size}")
         text_specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id,
                          tokenizer.im_start_id, tokenizer.im_end_id}
-        if image_token_id in text_specials:
-            raise ValueError(f"image_token_id {image_token_id} ({tokenizer.id_to_token(image_token_id)}) is a text "
-                             "special token; use a reserved control token, e.g. tokenizer.reserved_token_id(1)")
+        added = tokenizer.backend.get_added_tokens_decoder()
+        if image_token_id in text_specials or not (image_token_id in added and added[image_token_id].special):
+            # An ordinary piece (a word, a byte) also occurs in text, where it would be taken for an image.
+            raise ValueError(f"image_token_id {image_token_id} ({tokenizer.id_to_token(image_token_id)}) is not a free "
+                             "control token; use a reserved one, e.g. tokenizer.reserved_token_id(1)")
         self.encoder = encoder
         self.projector = projector
         self.decoder = decoder
@@ -84,28 +90,56 @@ class VisionLanguageModel(nn.Module):
                 features = self.encoder(pixels)
         return self.projector(features)
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None, layout: SeqLayout | None = None) -> torch.Tensor:
         """Token embeddings with the image tokens spliced in at the placeholder positions."""
-        embeds = self.decoder.embed(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if pixels is not None and pixels.ndim != 4:
+            raise ValueError(f"pixels must be [images, 3, height, width], got shape {tuple(pixels.shape)}")
         is_image = input_ids == self.image_token_id
-        placeholders = int(is_image.sum())
         images = 0 if pixels is None else pixels.shape[0]
-        if placeholders != images * self.num_image_tokens:
-            raise ValueError(
-                f"the batch holds {placeholders} image placeholder tokens "
-                f"({placeholders / self.num_image_tokens:g} images' worth at {self.num_image_tokens} tokens "
-                f"per image) but {images} images were given"
-            )
+        self._check_placeholders(is_image, images, layout)
+        embeds = self.decoder.embed(input_ids)
         if images == 0:
             return embeds
         image_embeds = self.encode_images(pixels).to(embeds.dtype)
         # Row-major order of the placeholders is the order of the images.
         return embeds.masked_scatter(is_image[..., None], image_embeds)
 
+    def _check_placeholders(self, is_image: torch.Tensor, images: int, layout: SeqLayout | None) -> None:
+        """Every image is one unbroken run of exactly num_image_tokens placeholders inside one sample,
+        and there are as many runs as images: anything else would put image tokens where they do not
+        belong. One host synchronisation for the whole check."""
+        batch, tokens = is_image.shape
+        boundary = torch.zeros_like(is_image)
+        boundary[:, 0] = True
+        if layout is not None and layout.is_packed:
+            segments = layout.segment_ids(batch, tokens, is_image.device)
+            boundary[:, 1:] |= segments[:, 1:] != segments[:, :-1]
+        previous = torch.zeros_like(is_image)
+        previous[:, 1:] = is_image[:, :-1]
+        run_starts = is_image & (~previous | boundary)
+        run_of_token = torch.cumsum(run_starts.flatten(), 0) - 1
+        lengths = torch.bincount(run_of_token[is_image.flatten()]).tolist() if bool(is_image.any()) else []
+        placeholders = sum(lengths)
+        per_image = self.num_image_tokens
+        if placeholders != images * per_image:
+            raise ValueError(
+                f"the batch holds {placeholders} image placeholder tokens "
+                f"({placeholders / per_image:g} images' worth at {per_image} tokens per image) "
+                f"but {images} images were given"
+            )
+        broken = [length for length in lengths if length != per_image]
+        if broken:
+            raise ValueError(f"image placeholders must come in unbroken runs of {per_image} within one sample; "
+                             f"found runs of {broken[:8]}")
+
     def forward(self, batch: Batch, return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(loss, logits). The loss (mean over labelled next-token targets) is computed without full
         logits; logits [B, T, vocab] are returned when there are no labels or when asked for."""
-        embeds = self.embed(batch.input_ids, batch.pixels)
+        if batch.labels is not None and batch.labels.shape != batch.input_ids.shape:
+            raise ValueError(f"labels {tuple(batch.labels.shape)} do not match input_ids {tuple(batch.input_ids.shape)}")
+        embeds = self.embed(batch.input_ids, batch.pixels, batch.layout)
         hidden = self.decoder.hidden_states(inputs_embeds=embeds, layout=batch.layout)
         loss = None
         if batch.labels is not None:
@@ -223,7 +257,6 @@ class VisionLanguageModel(nn.Module):
             "projector": self.projector.config(),
             "decoder": self.decoder.config.to_dict(),
             "image_token_id": self.image_token_id,
-            "dtype": str(next(self.parameters()).dtype).removeprefix("torch."),
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -269,8 +302,10 @@ class VisionLanguageModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{directory / WEIGHTS_FILE} does not match config.json: "
                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-        dtype = dtype or getattr(torch, config.get("dtype", "float32"))
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        # Each tensor keeps the dtype it was saved in (say a bf16 decoder beside an fp32 encoder)
+        # unless one dtype is asked for.
+        state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                 for k, v in state.items()}
         model.load_state_dict(state, assign=True)
         if model.decoder.config.tie_embeddings:
             model.decoder.lm_head.weight = model.decoder.model.embed_tokens.weight

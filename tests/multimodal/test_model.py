@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm import SeqLayout
+from lm import Decoder, LMConfig, SeqLayout
 from lm.loss import IGNORE_INDEX
 from multimodal import Batch, VisionLanguageModel
 
@@ -57,6 +57,39 @@ def test_placeholder_count_mismatch_names_both_counts(vlm):
     broken[0, 5] = 200  # one placeholder overwritten: 15 left
     with pytest.raises(ValueError, match="15 image placeholder tokens"):
         vlm(Batch(broken, pixels=torch.randn(1, 3, 32, 32)))
+
+
+def test_placeholder_runs_must_be_whole_images_within_one_sample(vlm):
+    one = sample_ids(vlm, 1)
+    start = one.index(vlm.image_token_id)
+    split = one[:start + 8] + [200] + one[start + 8:start + 16] + one[start + 16:]  # a run broken by text
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"unbroken runs of 16 within one sample; found runs of \[8, 8\]"):
+        vlm(Batch(torch.tensor([split]), pixels=pixels))
+    # 1.5 images' worth in one row and 0.5 in the other add up to 2 but are no images at all.
+    rows = [one[:start] + vlm.image_placeholder() + [vlm.image_token_id] * 8 + [201] * 8,
+            [vlm.image_token_id] * 8 + [201] * (len(one) + 8)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [201] * (width - len(r)) for r in rows])
+    with pytest.raises(ValueError, match=r"found runs of \[24, 8\]"):
+        vlm(Batch(ids, pixels=torch.randn(2, 3, 32, 32)))
+    # In a packed row, a run may not straddle two samples.
+    packed = torch.tensor([[201] * 4 + [vlm.image_token_id] * 16 + [201] * 4])
+    layout = SeqLayout.packed([[12, 12]])
+    with pytest.raises(ValueError, match=r"found runs of \[8, 8\]"):
+        vlm(Batch(packed, pixels=pixels, layout=layout))
+    with pytest.raises(ValueError, match=r"pixels must be \[images, 3, height, width\]"):
+        vlm(Batch(torch.tensor([one]), pixels=torch.randn(3, 32, 32)))
+    with pytest.raises(ValueError, match=r"labels \(1, 3\) do not match input_ids"):
+        vlm(Batch(torch.tensor([one]), labels=torch.zeros(1, 3, dtype=torch.long), pixels=pixels))
+
+
+def test_mixed_dtypes_survive_save_and_load(vlm, tmp_path):
+    vlm.decoder.to(torch.bfloat16)
+    vlm.save_pretrained(tmp_path)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.encoder.parameters()} == {torch.float32}
 
 
 def test_logits_equal_decoder_on_spliced_embeddings(vlm):
@@ -179,8 +212,13 @@ def test_from_pretrained_refuses_other_directories(vlm, tmp_path):
 
 
 def test_image_token_must_be_a_reserved_token(vlm, tokenizer):
-    with pytest.raises(ValueError, match="is a text special token"):
+    with pytest.raises(ValueError, match="is not a free control token"):
         VisionLanguageModel(vlm.encoder, vlm.projector, vlm.decoder, tokenizer, tokenizer.im_end_id)
+    with pytest.raises(ValueError, match="<0xC4>.* is not a free control token"):
+        VisionLanguageModel(vlm.encoder, vlm.projector, vlm.decoder, tokenizer, tokenizer.token_to_id("<0xC4>"))
+    small = Decoder(LMConfig.from_name("tiny", vocab_size=200))
+    with pytest.raises(ValueError, match="tokenizer has 420 tokens but the decoder's vocabulary is 200"):
+        VisionLanguageModel(vlm.encoder, vlm.projector, small, tokenizer, 6)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         VisionLanguageModel(vlm.encoder, vlm.projector, vlm.decoder, tokenizer, 10**6)
 
