@@ -1,0 +1,230 @@
+"""Training with PyTorch Lightning: the VLM as a LightningModule, WebDataset shards as a DataModule.
+
+A stage is configuration, not code: `StageConfig.train` names the modules that learn (stage 1:
+["projector"]; stage 2: ["encoder", "projector", "decoder"]), each with its own learning rate.
+Precision, gradient clipping, accumulation, devices and strategy are the Lightning Trainer's
+settings (see configs/*.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+import projector as projectors
+from encoders import OpenCLIPEncoder, encoder_transform
+from lm import Decoder, LMConfig, load_decoder, load_tokenizer
+from lm.config import PRESETS
+from multimodal.batch import Batch
+from multimodal.data import DataConfig, build_dataset, build_loader
+from multimodal.model import VisionLanguageModel
+
+MODULES = ("encoder", "projector", "decoder")
+
+
+@dataclass
+class ModelSpec:
+    """What to build. `decoder` is an LM preset name (lm.LMConfig.from_name) or a Hugging Face Llama
+    directory; `encoder` holds OpenCLIPEncoder's arguments; `projector` projector.build's options
+    (widths are filled in). `init_from` starts from saved weights: a save_pretrained directory
+    (whose architecture then wins) or a Lightning checkpoint of the same architecture."""
+
+    tokenizer: str
+    decoder: str = "demo"
+    decoder_options: dict[str, Any] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=lambda: {"model_name": "ViT-B-16"})
+    projector: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp", "depth": 2})
+    image_token: str = "<|reserved_token_1|>"
+    init_from: str | None = None
+
+
+@dataclass
+class StageConfig:
+    """Which modules train, at which learning rate, with which schedule (linear warmup, then cosine
+    decay to min_lr_ratio of the peak over trainer.max_steps)."""
+
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    lr: dict[str, float] = field(default_factory=lambda: {"encoder": 2e-6, "projector": 1e-3, "decoder": 2e-5})
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    gradient_checkpointing: bool = False
+
+
+def build_model(spec: ModelSpec) -> VisionLanguageModel:
+    if spec.init_from and (Path(spec.init_from) / "config.json").exists():
+        return VisionLanguageModel.from_pretrained(spec.init_from)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    if spec.decoder in PRESETS:
+        # A preset's vocabulary follows the tokenizer unless set explicitly (the demo's is small).
+        options = {"vocab_size": tokenizer.vocab_size, **spec.decoder_options}
+        decoder = Decoder(LMConfig.from_name(spec.decoder, **options))
+    else:
+        decoder = load_decoder(spec.decoder, dtype=torch.float32, **spec.decoder_options)
+    if decoder.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"decoder vocabulary {decoder.config.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    encoder = OpenCLIPEncoder(**spec.encoder)
+    proj = projectors.build(in_dim=encoder.hidden_size, out_dim=decoder.config.d_model, **spec.projector)
+    model = VisionLanguageModel(encoder, proj, decoder, tokenizer, tokenizer.token_to_id(spec.image_token))
+    if spec.init_from:
+        load_lightning_weights(model, spec.init_from)
+    return model
+
+
+def load_lightning_weights(model: VisionLanguageModel, path: str) -> None:
+    """Model weights from a Lightning checkpoint written by VLMModule (plain tensors and dicts only:
+    read with weights_only=True, never full unpickling)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    model.load_state_dict(state)
+
+
+def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> None:
+    unknown = set(stage.train) - set(MODULES)
+    if unknown:
+        raise ValueError(f"stage trains unknown modules {sorted(unknown)}; choose from {MODULES}")
+    for name in MODULES:
+        getattr(model, name).requires_grad_(name in stage.train)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"this stage would train nothing: train={stage.train} selects no parameters")
+    missing_lr = [name for name in stage.train if name not in stage.lr]
+    if missing_lr:
+        raise ValueError(f"no learning rate for trained modules {missing_lr} (stage.lr has {sorted(stage.lr)})")
+    model.decoder.gradient_checkpointing = stage.gradient_checkpointing
+
+
+def parameter_report(model: VisionLanguageModel) -> str:
+    lines = []
+    for name in MODULES:
+        params = list(getattr(model, name).parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        lines.append(f"  {name:<9} {trainable:>14,} trainable / {total:>14,}")
+    return "parameters per module:\n" + "\n".join(lines)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warmup to 1, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def real_tokens(batch: Batch) -> int:
+    """Non-padding tokens, from the layout (host-side numbers: no device synchronisation)."""
+    if batch.layout is not None and batch.layout.is_packed:
+        return sum(sum(row) for row in batch.layout.seq_lens)
+    return batch.input_ids.numel()
+
+
+class VLMModule(L.LightningModule):
+    def __init__(self, model: ModelSpec, stage: StageConfig | None = None, export_dir: str | None = None):
+        super().__init__()
+        self.spec = model
+        self.stage = stage or StageConfig()
+        self.export_dir = export_dir
+        # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"model": dataclasses.asdict(self.spec), "stage": dataclasses.asdict(self.stage), "export_dir": export_dir}
+        )
+        self.model: VisionLanguageModel | None = None
+        self.skipped: Counter[str] = Counter()
+        self._step_started: float | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = build_model(self.spec)
+        apply_stage(self.model, self.stage)
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"stage trains {self.stage.train}; " + parameter_report(self.model))
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning reseeds samplers, not iterable datasets: reshuffle the shards for this epoch.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
+        return batch.to(device)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.model(batch)
+        rows = batch.input_ids.shape[0]
+        tokens = real_tokens(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log("train/padding_waste", 1.0 - tokens / batch.input_ids.numel(), batch_size=rows)
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self.log("train/tokens_per_s", tokens / max(now - self._step_started, 1e-9), prog_bar=True, batch_size=rows)
+        self._step_started = now
+        self.skipped.update(batch.skipped)
+        for reason, count in self.skipped.items():
+            self.log(f"data/skipped_{reason}", float(count), batch_size=rows)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.model(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        groups = []
+        for name in self.stage.train:
+            params = [p for p in getattr(self.model, name).parameters() if p.requires_grad]
+            # Norm weights and biases are not decayed: shrinking them toward 0 only hurts.
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            lr = self.stage.lr[name]
+            groups.append({"params": decay, "lr": lr, "weight_decay": self.stage.weight_decay})
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(self.stage.betas))
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("set trainer.max_steps: the cosine schedule needs the length of the run "
+                             "(streamed shards have no fixed epoch length)")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, self.stage.warmup_steps, total, self.stage.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.model.save_pretrained(self.export_dir)
+            rank_zero_info(f"saved the model to {self.export_dir}")
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training and validation streams. The tokenizer, preprocessing and image token count come
+    from the model being trained, so the data always matches it."""
+
+    def __init__(self, train: DataConfig | None = None, val: DataConfig | None = None, num_workers: int = 2):
+        super().__init__()
+        self.train_config, self.val_config, self.num_workers = train, val, num_workers
+
+    def _loader(self, config: DataConfig):
+        model: VisionLanguageModel = self.trainer.lightning_module.model
+        transform = encoder_transform(model.encoder)  # config.pad_to_square is applied by build_dataset
+        dataset = build_dataset(config, model.tokenizer, transform, model.image_token_id, model.num_image_tokens)
+        return build_loader(dataset, self.num_workers)
+
+    def train_dataloader(self):
+        if self.train_config is None:
+            raise ValueError("no training data: set data.train.shards")
+        return self._loader(self.train_config)
+
+    def val_dataloader(self):
+        return [] if self.val_config is None else self._loader(self.val_config)
