@@ -1,7 +1,11 @@
 """salamandra-vl: the command line.
 
-Now: `info` (describe a saved checkpoint). Training (`fit`, `validate`), `demo`, `caption`, `chat`
-and `export` arrive with the data-and-training and Hugging Face interop work.
+  salamandra-vl fit --config configs/demo-stage1.yaml     train (LightningCLI; every option of the
+  salamandra-vl validate --config ...                     Trainer, model and data is a flag or YAML key)
+  salamandra-vl demo                                      the offline demo, end to end
+  salamandra-vl caption --checkpoint DIR IMAGE...         one caption per image
+  salamandra-vl chat --checkpoint DIR [--image IMG]       interactive chat, streamed answers
+  salamandra-vl info DIR                                  what a saved checkpoint holds
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import argparse
 import json
 import sys
 from typing import Sequence
+
+LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def describe_checkpoint(directory: str) -> dict:
@@ -34,25 +40,137 @@ def describe_checkpoint(directory: str) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_lightning(argv: Sequence[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    from multimodal.training import ShardDataModule, VLMModule
+
+    LightningCLI(
+        VLMModule, ShardDataModule, args=list(argv), save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train or validate a salamandra-vision model (PyTorch Lightning)."},
+    )
+    return 0
+
+
+def load_images(paths: Sequence[str]):
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from None
+    return images
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from multimodal.model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(args.checkpoint)
+    images = load_images(args.images)
+    captions = model.caption(images, language=args.language, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}" if len(images) > 1 else caption)
+    return 0
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    from multimodal.model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(args.checkpoint)
+    images = load_images(args.image)
+    messages: list[dict[str, str]] = []
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in model.stream_chat(messages, images=images or None, max_new_tokens=args.max_new_tokens):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from multimodal.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    print(json.dumps(describe_checkpoint(args.checkpoint), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salamandra-vl",
         description="Vision-language adapters for the Salamandra language models.",
+        epilog="fit and validate are LightningCLI commands: salamandra-vl fit --help lists their options.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:
+        commands.add_parser(name, help=f"{name} with PyTorch Lightning from YAML configs (see configs/)", add_help=False)
+
+    demo = commands.add_parser(
+        "demo", help="the offline demo: synthetic multilingual captions, three training stages, evaluation",
+        description="Generate a synthetic captioning data set, pre-train a tiny Salamandra-architecture decoder, "
+                    "train stage 1 (projector) and stage 2 (everything), then caption held-out images in English, "
+                    "Spanish and Catalan. No download; a few minutes on a laptop CPU.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=demo_command)
+
+    caption = commands.add_parser(
+        "caption", help="caption images with a saved checkpoint (one caption per image)",
+        description="Print one caption per image, in the asked language.",
+    )
+    caption.add_argument("--checkpoint", required=True, help="directory written by save_pretrained (or the demo)")
+    caption.add_argument("--language", default="en", help="language of the caption: en, es, ca (default: en)")
+    caption.add_argument("--prompt", default=None, help="instead of the language's default caption prompt")
+    caption.add_argument("--max-new-tokens", type=int, default=64)
+    caption.add_argument("images", nargs="+", help="image files")
+    caption.set_defaults(run=caption_command)
+
+    chat = commands.add_parser(
+        "chat", help="chat with a checkpoint (interactive, streams the answer)",
+        description="Interactive chat; each answer is streamed as it is generated.",
+    )
+    chat.add_argument("--checkpoint", required=True)
+    chat.add_argument("--image", action="append", default=[], help="an image to talk about (repeatable)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(run=chat_command)
+
     info = commands.add_parser(
         "info", help="describe a saved checkpoint (components, tokens per image, parameter counts)",
         description="Print, as JSON, what a checkpoint saved with VisionLanguageModel.save_pretrained holds.",
     )
     info.add_argument("checkpoint", help="directory written by save_pretrained")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        try:
-            print(json.dumps(describe_checkpoint(args.checkpoint), indent=2))
-        except (FileNotFoundError, ValueError) as error:
-            print(f"salamandra-vl info: {error}", file=sys.stderr)
-            return 2
-    return 0
+    info.set_defaults(run=info_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"salamandra-vl {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

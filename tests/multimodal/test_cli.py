@@ -1,8 +1,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
 
 from multimodal.cli import main
+from tests.multimodal.data.helpers import write_shards
+from tests.multimodal.tiny import TINY_CLIP
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_info_describes_a_saved_checkpoint(vlm, tmp_path, capsys):
@@ -18,6 +27,51 @@ def test_info_on_a_wrong_directory_is_a_clear_error(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_caption_prints_one_caption_per_image(vlm, tmp_path, capsys):
+    vlm.save_pretrained(tmp_path / "ckpt")
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (48, 40), colour).save(paths[-1])
+    assert main(["caption", "--checkpoint", str(tmp_path / "ckpt"), "--language", "ca", "--max-new-tokens", "5",
+                 *paths]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    expected = vlm.caption([Image.open(p).convert("RGB") for p in paths], language="ca", max_new_tokens=5)
+    assert lines == [f"{p}\t{c}" for p, c in zip(paths, expected)]
+    assert main(["caption", "--checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "missing.png")]) == 2
+
+
+def test_fit_from_a_yaml_config(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "tokenizer")
+    shards, _ = write_shards(tmp_path / "shards", num_samples=16, num_shards=1)
+    config = {
+        "trainer": {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path)},
+        "model": {
+            "model": {"tokenizer": str(tmp_path / "tokenizer"), "decoder": "tiny", "encoder": {"model_name": TINY_CLIP}},
+            "stage": {"train": ["projector"], "lr": {"projector": 1e-3}},
+            "export_dir": str(tmp_path / "out"),
+        },
+        "data": {"train": {"shards": shards, "max_tokens": 128, "rows_per_batch": 2}, "num_workers": 0},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "config.yaml")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "config.yaml").exists()  # LightningCLI's record of the run, beside its outputs
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from multimodal.training import ShardDataModule, VLMModule
+
+    cli = LightningCLI(VLMModule, ShardDataModule, run=False, args=["--config", str(path)],
+                       trainer_defaults={"logger": False})
+    assert cli.model.stage.train and cli.datamodule.train_config.shards
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "multimodal.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "info" in out.stdout
+    for command in ("fit", "validate", "demo", "caption", "chat", "info"):
+        assert command in out.stdout
