@@ -212,7 +212,10 @@ def draw_captions(rows: list[dict], path: Path, count: int = 8) -> None:
     height = tile + 8
     canvas = Image.new("RGB", (tile + text_width + 16, height * len(seeds) + 8), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=13)
+    try:  # Pillow's built-in font lacks accented letters (í, ñ, ç); DejaVu has them where installed
+        font = ImageFont.truetype("DejaVuSans.ttf", 13)
+    except OSError:
+        font = ImageFont.load_default(size=13)
     for i, seed in enumerate(seeds):
         top = 8 + i * height
         canvas.paste(synthetic.render(synthetic.scene(seed)).resize((tile, tile), Image.NEAREST), (8, top))
