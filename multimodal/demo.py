@@ -61,7 +61,7 @@ class DemoConfig:
         "n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384, "max_seq_len": 256})
     max_tokens: int = 256
     rows_per_batch: int = 8
-    steps: dict = field(default_factory=lambda: {"vision": 250, "pretrain": 80, "stage1": 40, "stage2": 650})
+    steps: dict = field(default_factory=lambda: {"vision": 230, "pretrain": 80, "stage1": 40, "stage2": 580})
     lr: dict = field(default_factory=lambda: {"pretrain": 3e-3, "stage1": 3e-3, "stage2": 2e-3})
     num_workers: int = 1
     sample_rows: int = 6  # rows of the printed table, per language
@@ -269,7 +269,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
                                        warmup_steps=10, weight_decay=0.01), text_shards),
         ("stage1", None, StageConfig(train=["projector"], lr={"projector": config.lr["stage1"]},
                                      warmup_steps=5), train_shards),
-        ("stage2", None, StageConfig(train=all_modules, lr={name: config.lr["stage2"] for name in all_modules},
+        # The encoder learns 5x slower than the rest (LLaVA-OneVision's ratio), so stage 2 refines
+        # the contrastive features instead of overwriting them with noisy early gradients.
+        ("stage2", None, StageConfig(train=all_modules,
+                                     lr={"encoder": config.lr["stage2"] / 5, "projector": config.lr["stage2"],
+                                         "decoder": config.lr["stage2"]},
                                      warmup_steps=50, weight_decay=0.01), train_shards),
     ]
     previous = None
