@@ -61,7 +61,7 @@ class DemoConfig:
         "n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384, "max_seq_len": 256})
     max_tokens: int = 256
     rows_per_batch: int = 8
-    steps: dict = field(default_factory=lambda: {"vision": 230, "pretrain": 80, "stage1": 40, "stage2": 580})
+    steps: dict = field(default_factory=lambda: {"vision": 450, "pretrain": 80, "stage1": 40, "stage2": 340})
     lr: dict = field(default_factory=lambda: {"pretrain": 3e-3, "stage1": 3e-3, "stage2": 2e-3})
     num_workers: int = 1
     sample_rows: int = 6  # rows of the printed table, per language
