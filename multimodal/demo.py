@@ -3,14 +3,16 @@
 1. Data: synthetic scenes of shapes with captions in English, Spanish and Catalan, written as
    WebDataset shards (multimodal/data/synthetic.py), plus a text-only shard of captions.
 2. A small BPE tokenizer with Salamandra's special tokens at Salamandra's ids.
-3. Stage 0: pre-train a small Salamandra-architecture decoder from scratch on the captions as text.
-4. Stage 1: train the projector alone, encoder and decoder frozen (alignment).
-5. Stage 2: train encoder, projector and decoder together.
-6. Caption held-out images in all three languages; print samples and metrics; write
+3. The vision tower: contrastive pre-training with open_clip's own CLIP model and loss, saved as a
+   local weights file (the stand-in for a downloaded CLIP/SigLIP checkpoint). Through the caption
+   loss alone a tower from scratch learns far too slowly for a five-minute budget.
+4. Stage 0: pre-train a small Salamandra-architecture decoder from scratch on the captions as text.
+5. Stage 1: train the projector alone, encoder and decoder frozen (alignment).
+6. Stage 2: train encoder (at a fifth of the learning rate), projector and decoder together.
+7. Caption held-out images in all three languages; print samples and metrics; write
    metrics.json, checkpoint/ (save_pretrained format) and captions.png.
 
-Every stage runs through the same LightningModule and data path as `salamandra-vl fit`. The vision
-tower starts from random weights (no contrastive pre-training): stages 1 and 2 teach it.
+Stages 0-2 run through the same LightningModule and data path as `salamandra-vl fit`.
 """
 
 from __future__ import annotations
