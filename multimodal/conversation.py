@@ -68,6 +68,28 @@ def count_images(messages: Sequence[Mapping[str, str]]) -> int:
     return sum(m["content"].count(IMAGE_MARKER) for m in messages)
 
 
+class MarkerMismatch(ValueError):
+    """The `<image>` markers of a conversation do not match its images."""
+
+
+def with_image_markers(messages: Sequence[Mapping[str, str]], num_images: int) -> list[dict[str, str]]:
+    """Check the `<image>` markers against the images. A conversation that has images but no marker
+    at all gets them at the start of its first user turn (LLaVA's convention). Training data and
+    inference both go through here, so the model sees images where it learned to.
+
+    Raises MarkerMismatch when the counts differ, ValueError when there is no user turn."""
+    messages = [dict(m) for m in messages]
+    markers = count_images(messages)
+    if markers == 0 and num_images > 0:
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError(f"{num_images} images but no user turn to put them in")
+        messages[first_user]["content"] = f"{IMAGE_MARKER}\n" * num_images + messages[first_user]["content"]
+    elif markers != num_images:
+        raise MarkerMismatch(f"the messages hold {markers} {IMAGE_MARKER} markers but {num_images} images were given")
+    return messages
+
+
 def tokenize_conversation(
     messages: Sequence[Mapping[str, str]],
     tokenizer: Tokenizer,

@@ -36,7 +36,7 @@ from lm.loss import chunked_cross_entropy, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
 from multimodal.batch import Batch
-from multimodal.conversation import IMAGE_MARKER, count_images, messages_from_json, tokenize_conversation
+from multimodal.conversation import IMAGE_MARKER, messages_from_json, tokenize_conversation, with_image_markers
 from multimodal.prompts import caption_prompt
 
 FORMAT = "salamandra-vision"
@@ -238,15 +238,7 @@ class VisionLanguageModel(nn.Module):
         messages = messages_from_json({"conversations" if llava else "messages": messages})
         if messages[-1]["role"] == "assistant":
             raise ValueError("the last message is the assistant's; chat answers a user (or system) message")
-        markers = count_images(messages)
-        if markers == 0 and images:
-            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-            if first_user is None:
-                raise ValueError("images were given but there is no user message to attach them to")
-            content = IMAGE_MARKER + "\n"
-            messages[first_user] = {"role": "user", "content": content * len(images) + messages[first_user]["content"]}
-        elif markers != len(images):
-            raise ValueError(f"the messages hold {markers} {IMAGE_MARKER} markers but {len(images)} images were given")
+        messages = with_image_markers(messages, len(images))
         return self._prompt_ids(messages), self.preprocess(images)
 
     def config(self) -> dict:

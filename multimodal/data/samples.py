@@ -28,12 +28,14 @@ from lm.loss import IGNORE_INDEX
 from lm.tokenizer import Tokenizer
 from multimodal.conversation import (
     IMAGE_MARKER,
+    MarkerMismatch,
     TokenizedConversation,
     caption_messages,
     count_images,
     messages_from_json,
     tokenize_conversation,
     tokenize_text,
+    with_image_markers,
 )
 from multimodal.data.decode import (
     BAD_CONVERSATION,
@@ -119,21 +121,6 @@ def prompt_rng(seed: int, key: str) -> random.Random:
     return random.Random(f"caption-prompt:{seed}:{key}")
 
 
-def with_image_markers(messages: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
-    """Check the `<image>` markers against the images. A conversation that has images but no marker
-    at all gets them at the start of its first user turn (LLaVA's convention)."""
-    markers = count_images(messages)
-    if markers == 0 and num_images > 0:
-        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first_user is None:
-            raise SkipSample(BAD_CONVERSATION, f"{num_images} images but no user turn to put them in")
-        messages = [dict(m) for m in messages]
-        messages[first_user]["content"] = f"{IMAGE_MARKER}\n" * num_images + messages[first_user]["content"]
-    elif markers != num_images:
-        raise SkipSample(PLACEHOLDER_MISMATCH, f"{markers} {IMAGE_MARKER} markers for {num_images} images")
-    return messages
-
-
 def tokenize_sample(sample: Mapping[str, Any], image_names: list[str], settings: SampleSettings) -> TokenizedConversation:
     """Ids and labels of a raw sample whose images are `image_names` (not yet decoded)."""
     record = decode_json(sample["json"]) if "json" in sample else None
@@ -144,7 +131,12 @@ def tokenize_sample(sample: Mapping[str, Any], image_names: list[str], settings:
             messages = messages_from_json(record)
         except ValueError as error:
             raise SkipSample(BAD_CONVERSATION, str(error)) from None
-        messages = with_image_markers(messages, len(image_names))
+        try:
+            messages = with_image_markers(messages, len(image_names))
+        except MarkerMismatch as error:
+            raise SkipSample(PLACEHOLDER_MISMATCH, str(error)) from None
+        except ValueError as error:
+            raise SkipSample(BAD_CONVERSATION, str(error)) from None
     elif "txt" in sample:
         text = decode_text(sample["txt"])
         if not image_names:
