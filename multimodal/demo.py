@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from webdataset import TarWriter
 
 from lm.tokenizer import train_tokenizer
-from multimodal.conversation import caption_messages
+from multimodal.conversation import IMAGE_MARKER, caption_messages
 from multimodal.data import DataConfig
 from multimodal.data import synthetic
 from multimodal.model import VisionLanguageModel
@@ -74,10 +74,31 @@ QUICK = DemoConfig(train_images=300, test_images=24, pretrain_texts=600, vocab_s
                    steps={"vision": 5, "pretrain": 10, "stage1": 5, "stage2": 10}, num_workers=0, sample_rows=2)
 
 
-def write_text_shard(path: Path, texts: list[str]) -> str:
+def pretraining_chats(num: int, seed: int, described: float = 1.0) -> list[list[dict[str, str]]]:
+    """`num` text-only chats for pre-training the decoder, from training scenes only: the user asks
+    for a description in one language, the assistant answers with the caption in that language.
+    In a share `described` of them the user turn first gives the scene's caption in a random
+    language, where the image goes in a caption sample: the decoder learns the chat template, to
+    answer in the asked language, and to re-express content found in the user turn. Stage 1 then
+    only has to make the projected image read like such a description (a real Salamandra instruct
+    model brings all three from its own training)."""
+    rng = random.Random(f"chats:{seed}")
+    chats = []
+    for image_seed in synthetic.split_seeds("train", num, seed):
+        drawn = synthetic.scene(image_seed)
+        language = rng.choice(synthetic.LANGUAGES)
+        messages = caption_messages(synthetic.describe(drawn, language), language, rng)
+        context = synthetic.describe(drawn, rng.choice(synthetic.LANGUAGES)) if rng.random() < described else ""
+        messages[0]["content"] = messages[0]["content"].replace(IMAGE_MARKER, context).lstrip("\n")
+        chats.append(messages)
+    return chats
+
+
+def write_chat_shard(path: Path, chats: list[list[dict[str, str]]]) -> str:
     with TarWriter(str(path), encoder=False) as sink:
-        for index, text in enumerate(texts):
-            sink.write({"__key__": f"text-{index:08d}", "txt": text.encode()})
+        for index, messages in enumerate(chats):
+            sink.write({"__key__": f"chat-{index:08d}",
+                        "json": json.dumps({"messages": messages}, ensure_ascii=False).encode()})
     return str(path)
 
 
@@ -110,22 +131,35 @@ def pretrain_vision_tower(tokenizer, train_images: int, steps: int, path: Path, 
     model_cfg = DEMO_ENCODER["model_name"]
     clip = CLIP(model_cfg["embed_dim"], model_cfg["vision_cfg"], text_cfg)
     transform = encoder_transform(_meta_encoder())
-    seeds = synthetic.split_seeds("train", train_images, seed=seed)
-    scenes = [synthetic.scene(s) for s in seeds]
-    pixels = torch.stack([transform(synthetic.render(s)) for s in scenes])
-    captions = {language: [synthetic.describe(s, language) for s in scenes] for language in synthetic.LANGUAGES}
+    rng = random.Random(seed)
+    scenes = [synthetic.scene(s) for s in synthetic.split_seeds("train", train_images, seed=seed)]
+    # Each training scene is paired with one near miss (a caption one detail away) whose content is
+    # also a training one, and the two always share a batch and a language: hard negatives.
+    partners = []
+    for base in scenes:
+        partner = next((m for m in (synthetic.near_miss(base, rng) for _ in range(4))
+                        if synthetic.split_of(m) == "train"), base)
+        partners.append(partner)
+    everything = scenes + partners
+    pixels = torch.stack([transform(synthetic.render(s)) for s in everything])
+    length = text_cfg["context_length"]
+
+    def token_row(text: str) -> list[int]:
+        ids = tokenizer.encode(text)[: length - 1] + [tokenizer.eos_id]
+        return ids + [tokenizer.pad_id] * (length - len(ids))
+
+    texts = {language: torch.tensor([token_row(synthetic.describe(s, language)) for s in everything])
+             for language in synthetic.LANGUAGES}
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
-    rng = random.Random(seed)
     started = time.perf_counter()
+    pairs_per_batch = min(64, len(scenes))
     for step in range(steps):
-        index = rng.sample(range(len(scenes)), k=min(128, len(scenes)))
-        texts = []
-        for i in index:
-            ids = tokenizer.encode(captions[rng.choice(synthetic.LANGUAGES)][i])[: text_cfg["context_length"] - 1]
-            ids.append(tokenizer.eos_id)
-            texts.append(ids + [tokenizer.pad_id] * (text_cfg["context_length"] - len(ids)))
-        image_features, text_features, scale = clip(pixels[index], torch.tensor(texts))
+        bases = rng.sample(range(len(scenes)), k=pairs_per_batch)
+        index = torch.tensor(bases + [len(scenes) + i for i in bases])
+        languages = [rng.choice(synthetic.LANGUAGES) for _ in bases] * 2
+        text_ids = torch.stack([texts[language][i] for language, i in zip(languages, index.tolist())])
+        image_features, text_features, scale = clip(pixels[index], text_ids)
         loss = loss_fn(image_features, text_features, scale)
         loss.backward()
         optimizer.step()
@@ -249,7 +283,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
     data_dir = out / "data"
     train_shards = synthetic.write_shards(data_dir, "train", config.train_images, samples_per_shard=4000, seed=seed)
     texts = synthetic.texts_for_pretraining(config.pretrain_texts, seed=seed)
-    text_shards = [write_text_shard(data_dir / "text-000000.tar", texts)]
+    text_shards = [write_chat_shard(data_dir / "chats-000000.tar", pretraining_chats(config.pretrain_texts, seed, described=0.5))]
     tokenizer = train_tokenizer(tokenizer_corpus(texts), vocab_size=config.vocab_size)
     tokenizer.save(out / "tokenizer")
     seconds["data"] = time.perf_counter() - started

@@ -27,7 +27,7 @@ import os
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -169,9 +169,11 @@ def scene(seed: int) -> Scene:
             second = kind_colour()
             while second == first:
                 second = kind_colour()
-        # The pair shares a line anywhere across the image; along it, the shapes fill the two
-        # halves (a pixel apart at most size), so "left of" / "above" is never in doubt.
-        across = rng.uniform(8.0, 24.0)
+        # Along the pair's line the shapes fill the two halves (a pixel apart at most size), so
+        # "left of" / "above" is never in doubt; across it the line sits on a patch boundary or
+        # a patch centre line (8, 16 or 24 px), so each shape covers the same 2x2 patches wherever
+        # it is: the calibration run's errors were shapes cut awkwardly by the patch grid.
+        across = rng.choice((8.0, 16.0, 24.0))
         along = (8.0, 24.0)
         shapes = []
         for (kind, colour), a in zip((first, second), along):
@@ -180,6 +182,54 @@ def scene(seed: int) -> Scene:
             shapes.append(_shape(kind, colour, None, x, y, rng.uniform(*_PAIR_EXTENT)))
         shapes = tuple(shapes)
     return Scene(shapes=shapes, layout=layout, background=_background(rng))
+
+
+def near_miss(base: Scene, rng: random.Random) -> Scene:
+    """A scene whose caption differs from `base`'s in one detail: a shape's kind or colour, the
+    position of a single shape, or for a pair the order, the orientation (row <-> column) or
+    whether both shapes are alike. The background and the geometry otherwise stay.
+
+    Contrastive training with such hard negatives in the batch (NegCLIP's recipe) is what makes a
+    tower encode where things are and which colour goes with which shape: against random captions
+    a bag of attributes already wins, and the captioner then gets positions and pairings wrong.
+    """
+    shapes = list(base.shapes)
+    i = rng.randrange(len(shapes))
+    changes = ["kind", "colour"]
+    if len(shapes) == 1 and shapes[0].size == "small":
+        changes.append("position")
+    if len(shapes) == 2:
+        changes += ["swap", "turn", "alike"]
+    while True:
+        change = rng.choice(changes)
+        layout = base.layout
+        if change == "kind":
+            shapes[i] = replace(shapes[i], kind=rng.choice([k for k in SHAPE_KINDS if k != shapes[i].kind]))
+        elif change == "colour":
+            shapes[i] = replace(shapes[i], colour=rng.choice([c for c in COLOURS if c != shapes[i].colour]))
+        elif change == "position":
+            layout = rng.choice([p for p in POSITIONS if p != base.layout])
+            old_x, old_y = _POSITION_CENTRES[base.layout]
+            new_x, new_y = _POSITION_CENTRES[layout]
+            shape = shapes[0]
+            shapes[0] = replace(shape, x=round(shape.x + (new_x - old_x) / _REFERENCE, 4),
+                                y=round(shape.y + (new_y - old_y) / _REFERENCE, 4))
+        elif change == "swap":
+            (a, b) = shapes
+            shapes = [replace(a, kind=b.kind, colour=b.colour), replace(b, kind=a.kind, colour=a.colour)]
+        elif change == "turn":  # mirror about the diagonal: positions transpose, outlines stay upright
+            layout = "column" if base.layout == "row" else "row"
+            shapes = [replace(shape, x=shape.y, y=shape.x) for shape in shapes]
+        else:  # "alike": make the pair identical, or an identical pair different
+            a, b = shapes
+            if (a.kind, a.colour) == (b.kind, b.colour):
+                shapes[1] = replace(b, kind=rng.choice([k for k in SHAPE_KINDS if k != a.kind]))
+            else:
+                shapes[1] = replace(b, kind=a.kind, colour=a.colour)
+        changed = Scene(shapes=tuple(shapes), layout=layout, background=base.background)
+        if changed.content != base.content:
+            return changed
+        shapes = list(base.shapes)
 
 
 def _shape(kind: str, colour: str, size: str | None, x: float, y: float, extent: float) -> Shape:

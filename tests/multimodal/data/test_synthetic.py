@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import random
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -155,51 +156,85 @@ def _coverage(image: np.ndarray, background: np.ndarray, colour: tuple[int, int,
     return np.clip(amount, 0.0, 1.0)
 
 
+def check_drawn_as_captioned(drawn: S.Scene, seed: int, areas: dict) -> None:
+    """Every shape of `drawn` is solid, of its colour, apart from the other, and where its caption
+    says; its solid area is recorded in `areas` by (kind, size)."""
+    image = np.asarray(S.render(drawn), np.float32)
+    background = np.asarray(S.render(S.Scene((), drawn.layout, drawn.background)), np.float32)
+    centroids = []
+    owned = np.zeros((32, 32), bool)
+    for shape in drawn.shapes:
+        # The pixels the shape's bounding box touches, plus the quarter pixel by which PIL's
+        # inclusive polygon fill (at 4x) can overshoot; in pairs they never touch the other's.
+        half = shape.extent * 16 + 0.25
+        x0, x1 = int(max(shape.x * 32 - half, 0)), int(min(np.ceil(shape.x * 32 + half), 32))
+        y0, y1 = int(max(shape.y * 32 - half, 0)), int(min(np.ceil(shape.y * 32 + half), 32))
+        assert not owned[y0:y1, x0:x1].any(), f"seed {seed}: shapes overlap"
+        owned[y0:y1, x0:x1] = True
+        cover = np.zeros((32, 32), np.float32)
+        cover[y0:y1, x0:x1] = _coverage(image, background, S.COLOURS[shape.colour])[y0:y1, x0:x1]
+        solid = int((cover > 0.5).sum())
+        areas[shape.kind, shape.size].append(solid)
+        assert solid >= 40, f"seed {seed}: {shape.kind} covers only {solid} px"
+        cy, cx = int(shape.y * 32), int(shape.x * 32)
+        assert cover[cy, cx] > 0.9, f"seed {seed}: {shape.colour} {shape.kind} missing at its centre"
+        ys, xs = np.nonzero(cover > 0.5)
+        centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))
+    # Nothing of any shape colour outside the shapes' boxes.
+    for colour in S.COLOURS.values():
+        assert _coverage(image, background, colour)[~owned].max() < 0.25, f"seed {seed}: stray colour"
+    if drawn.layout in ("row", "column"):
+        (xa, ya), (xb, yb) = centroids
+        along, across = (xb - xa, yb - ya) if drawn.layout == "row" else (yb - ya, xb - xa)
+        assert along > 12 and abs(across) < along / 2.5, f"seed {seed}: {drawn.layout} not clear"
+    elif drawn.shapes[0].size == "small":  # a large shape's caption names no position
+        (x, y), = centroids
+        # The position the caption names is, by a clear margin, the nearest to the shape's centroid.
+        anchors = {"centre": (16, 16), "left": (8.5, 16), "right": (23.5, 16),
+                   "top": (16, 8.5), "bottom": (16, 23.5)}
+        distance = {name: np.hypot(x - ax, y - ay) for name, (ax, ay) in anchors.items()}
+        others = min(d for name, d in distance.items() if name != drawn.layout)
+        assert distance[drawn.layout] + 2 < others, f"seed {seed}: misplaced"
+
+
 def test_every_shape_is_visible_big_and_where_the_caption_says():
     areas = defaultdict(list)
     for seed in range(3000):
-        drawn = S.scene(seed)
-        image = np.asarray(S.render(drawn), np.float32)
-        background = np.asarray(S.render(S.Scene((), drawn.layout, drawn.background)), np.float32)
-        centroids = []
-        owned = np.zeros((32, 32), bool)
-        for shape in drawn.shapes:
-            # The pixels the shape's bounding box touches, plus the quarter pixel by which PIL's
-            # inclusive polygon fill (at 4x) can overshoot; in pairs they never touch the other's.
-            half = shape.extent * 16 + 0.25
-            x0, x1 = int(max(shape.x * 32 - half, 0)), int(min(np.ceil(shape.x * 32 + half), 32))
-            y0, y1 = int(max(shape.y * 32 - half, 0)), int(min(np.ceil(shape.y * 32 + half), 32))
-            assert not owned[y0:y1, x0:x1].any(), f"seed {seed}: shapes overlap"
-            owned[y0:y1, x0:x1] = True
-            cover = np.zeros((32, 32), np.float32)
-            cover[y0:y1, x0:x1] = _coverage(image, background, S.COLOURS[shape.colour])[y0:y1, x0:x1]
-            solid = int((cover > 0.5).sum())
-            areas[shape.kind, shape.size].append(solid)
-            assert solid >= 40, f"seed {seed}: {shape.kind} covers only {solid} px"
-            cy, cx = int(shape.y * 32), int(shape.x * 32)
-            assert cover[cy, cx] > 0.9, f"seed {seed}: {shape.colour} {shape.kind} missing at its centre"
-            ys, xs = np.nonzero(cover > 0.5)
-            centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))
-        # Nothing of any shape colour outside the shapes' boxes.
-        for colour in S.COLOURS.values():
-            assert _coverage(image, background, colour)[~owned].max() < 0.25, f"seed {seed}: stray colour"
-        if drawn.layout in ("row", "column"):
-            (xa, ya), (xb, yb) = centroids
-            along, across = (xb - xa, yb - ya) if drawn.layout == "row" else (yb - ya, xb - xa)
-            assert along > 12 and abs(across) < along / 2.5, f"seed {seed}: {drawn.layout} not clear"
-        elif drawn.shapes[0].size == "small":  # a large shape's caption names no position
-            (x, y), = centroids
-            # The position the caption names is, by a clear margin, the nearest to the shape's centroid.
-            anchors = {"centre": (16, 16), "left": (8.5, 16), "right": (23.5, 16),
-                       "top": (16, 8.5), "bottom": (16, 23.5)}
-            distance = {name: np.hypot(x - ax, y - ay) for name, (ax, ay) in anchors.items()}
-            others = min(d for name, d in distance.items() if name != drawn.layout)
-            assert distance[drawn.layout] + 2 < others, f"seed {seed}: misplaced"
+        check_drawn_as_captioned(S.scene(seed), seed, areas)
     for kind in S.SHAPE_KINDS:
         for size in ("small", "large", None):
             assert areas[kind, size], f"no {size} {kind} in 3000 scenes"
         # "large" is visibly larger than any small or paired shape of the same kind.
         assert min(areas[kind, "large"]) > 1.6 * max(areas[kind, "small"] + areas[kind, None])
+
+
+def test_near_miss_changes_one_detail_and_is_drawn_as_its_caption_says():
+    rng = random.Random(0)
+    changes = Counter()
+    for seed in range(1500):
+        base = S.scene(seed)
+        miss = S.near_miss(base, rng)
+        check_drawn_as_captioned(miss, seed, defaultdict(list))
+        assert miss.background == base.background and len(miss.shapes) == len(base.shapes)
+        assert S.describe(miss, "en") != S.describe(base, "en")
+        old, new = [(s.kind, s.colour, s.size) for s in base.shapes], [(s.kind, s.colour, s.size) for s in miss.shapes]
+        if miss.layout != base.layout:
+            assert new == old  # a move (one shape) or a turn (row <-> column): nothing else changes
+            changes["turn" if len(old) == 2 else "position"] += 1
+        elif len(old) == 2 and new == old[::-1]:
+            changes["swap"] += 1
+        else:
+            differing = [(a, b) for a, b in zip(old, new) if a != b]
+            assert len(differing) == 1, f"seed {seed}: {old} -> {new}"
+            (a, b), = differing
+            assert a[2] == b[2]  # size never changes
+            changes["kind" if a[0] != b[0] else "colour"] += 1
+            if a[0] != b[0] and a[1] != b[1]:  # both at once: only by making a pair alike, or unlike
+                assert len(old) == 2 and (old[0][:2] == old[1][:2]) != (new[0][:2] == new[1][:2])
+    assert set(changes) == {"kind", "colour", "position", "swap", "turn"}, changes
+    assert min(changes.values()) > 50, changes
+    # Deterministic in the random generator it is given.
+    assert S.near_miss(S.scene(3), random.Random(5)) == S.near_miss(S.scene(3), random.Random(5))
 
 
 def test_backgrounds_and_colours_never_mix_up():
