@@ -53,6 +53,15 @@ DEMO_ENCODER = {
 }
 
 
+# LLaVA's two-layer MLP, plus a learned embedding per image-token slot. The tiny tower's last-layer
+# tokens say what they show but hardly where they are (a linear probe finds a token's own grid cell
+# 92% of the time before the projector, 21% after it), and the decoder cannot tell the cells apart
+# by RoPE distance either, since prompts of different lengths sit between image and answer. Without
+# the slot embedding nearly every remaining error was a position or a pairing; with it exact match
+# went from 0.62 to 0.89 in the same steps. Outputs here have a std near 4, hence position_std=1.
+DEMO_PROJECTOR = {"kind": "mlp", "depth": 2, "positions": 16, "position_std": 1.0}
+
+
 @dataclass
 class DemoConfig:
     train_images: int = 8000
@@ -298,7 +307,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
 
     spec = ModelSpec(tokenizer=str(out / "tokenizer"), decoder="demo",
                      decoder_options={**config.decoder, "attention": "sdpa"},
-                     encoder={**DEMO_ENCODER, "pretrained": str(vision_weights)}, projector={"kind": "mlp", "depth": 2})
+                     encoder={**DEMO_ENCODER, "pretrained": str(vision_weights)}, projector=DEMO_PROJECTOR)
     all_modules = ["encoder", "projector", "decoder"]
     stages = [
         ("pretrain", spec, StageConfig(train=["decoder"], lr={"decoder": config.lr["pretrain"]},

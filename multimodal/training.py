@@ -63,7 +63,8 @@ class StageConfig:
 
 def build_model(spec: ModelSpec) -> VisionLanguageModel:
     if spec.init_from and (Path(spec.init_from) / "config.json").exists():
-        return VisionLanguageModel.from_pretrained(spec.init_from)
+        # from_pretrained hands back a model ready for inference (eval mode); this one trains.
+        return VisionLanguageModel.from_pretrained(spec.init_from).train()
     tokenizer = load_tokenizer(spec.tokenizer)
     if spec.decoder in PRESETS:
         # A preset's vocabulary follows the tokenizer unless set explicitly (the demo's is small).

@@ -68,3 +68,20 @@ def test_errors():
         projector.build("mlp", 8, 8)(torch.randn(1, 4, 9))
     with pytest.raises(ValueError, match="depth must be >= 1"):
         projector.build("mlp", 8, 8, depth=0)
+
+
+def test_mlp_position_embedding_marks_each_token_slot():
+    module = projector.build("mlp", 6, 4, positions=5)
+    x = torch.randn(3, 5, 6)
+    expected = module.layers(x) + module.position_embedding[None]
+    torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
+    # The same feature vector in two slots projects to two different tokens.
+    same = torch.randn(1, 1, 6).expand(1, 5, 6)
+    out = module(same)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    assert projector.build(**module.config()).position_embedding.shape == (5, 4)
+    assert "positions" not in projector.build("mlp", 6, 4).config()  # saved configs stay as before
+    with pytest.raises(ValueError, match="position embeddings for 5 tokens, got 7"):
+        module(torch.randn(1, 7, 6))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        projector.build("mlp", 6, 4, positions=-1)
