@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -36,6 +40,7 @@ __all__ = [
     "convert_sentencepiece",
     "format_chatml",
     "load_tokenizer",
+    "render_chat_template",
     "train_tokenizer",
 ]
 
@@ -107,6 +112,45 @@ def format_chatml(messages: Sequence[Mapping[str, Any]], add_generation_prompt: 
     if add_generation_prompt:
         parts.append(f"{_IM_START}assistant\n")
     return "".join(parts)
+
+
+def render_chat_template(
+    template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, **variables: Any
+) -> str:
+    """Render a Hugging Face chat template (Jinja) the way ``transformers`` does.
+
+    Same environment as ``apply_chat_template``: a sandbox with ``trim_blocks`` and ``lstrip_blocks``,
+    the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps
+    non-ASCII text. The special tokens are there as ``bos_token``, ``eos_token``, ``unk_token`` and
+    ``pad_token``; ``variables`` adds or overrides template variables (e.g. ``date_string``).
+    A template's ``raise_exception`` surfaces as ``jinja2.TemplateError``.
+    """
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment.filters["tojson"] = tojson
+    environment.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    context = {
+        "bos_token": SPECIAL_TOKENS[SPECIAL_IDS.bos],
+        "eos_token": SPECIAL_TOKENS[SPECIAL_IDS.eos],
+        "unk_token": SPECIAL_TOKENS[SPECIAL_IDS.unk],
+        "pad_token": SPECIAL_TOKENS[SPECIAL_IDS.pad],
+        **variables,
+        "messages": [dict(m) for m in messages],
+        "add_generation_prompt": add_generation_prompt,
+    }
+    return environment.from_string(template).render(**context)
 
 
 class Tokenizer:
@@ -211,9 +255,28 @@ class Tokenizer:
         """BOS + the ids of ``format_chatml(messages, add_generation_prompt)``.
 
         Always plain ChatML, whatever ``chat_template`` holds, so training data is formatted the
-        same for every checkpoint.
+        same for every checkpoint and never depends on the day (an instruct template's default system
+        prompt carries a date). With a system message, or with a plain ChatML template, the ids equal
+        ``apply_chat_template``'s; to get an instruct model's default system prompt, use that.
         """
         return self.encode(format_chatml(messages, add_generation_prompt), add_bos=True)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, **variables: Any
+    ) -> list[int]:
+        """BOS + the ids of ``messages`` rendered with this tokenizer's own ``chat_template``.
+
+        For an instruct checkpoint this is the prompt its authors meant: Salamandra instruct's template,
+        for one, puts a default system prompt (with a date) in front when the messages have none.
+        The ids equal ``transformers.AutoTokenizer.apply_chat_template(messages, tokenize=True, ...)``
+        with BOS in front (transformers adds no BOS there; the tokenizer adds it when it encodes the
+        rendered text). A template that writes BOS itself does not get a second one. Without a
+        template this is ``encode_chat``. ``variables`` are passed to the template (``date_string``).
+        """
+        template = self.chat_template if self.chat_template is not None else CHATML_TEMPLATE
+        text = render_chat_template(template, messages, add_generation_prompt, **variables)
+        ids = self.encode(text)
+        return ids if ids[:1] == [SPECIAL_IDS.bos] else [SPECIAL_IDS.bos, *ids]
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` for ``transformers.AutoTokenizer``.

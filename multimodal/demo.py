@@ -3,10 +3,12 @@
 1. Data: synthetic scenes of shapes with captions in English, Spanish and Catalan, written as
    WebDataset shards (multimodal/data/synthetic.py), plus a text-only shard of captions.
 2. A small BPE tokenizer with Salamandra's special tokens at Salamandra's ids.
-3. The vision tower: contrastive pre-training with open_clip's own CLIP model and loss, saved as a
-   local weights file (the stand-in for a downloaded CLIP/SigLIP checkpoint). Through the caption
-   loss alone a tower from scratch learns far too slowly for a five-minute budget.
-4. Stage 0: pre-train a small Salamandra-architecture decoder from scratch on the captions as text.
+3. The vision tower: contrastive pre-training with open_clip's own CLIP model and loss, each scene
+   beside a near miss in its batch (hard negatives), saved as a local weights file (the stand-in
+   for a downloaded CLIP/SigLIP checkpoint). Through the caption loss alone a tower from scratch
+   learns far too slowly for a five-minute budget.
+4. Stage 0: pre-train a small Salamandra-architecture decoder from scratch on text-only chats
+   (a caption asked for in a language, answered in it), the stand-in for an instruct model.
 5. Stage 1: train the projector alone, encoder and decoder frozen (alignment).
 6. Stage 2: train encoder (at a fifth of the learning rate), projector and decoder together.
 7. Caption held-out images in all three languages; print samples and metrics; write
