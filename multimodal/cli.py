@@ -6,6 +6,8 @@
   salamandra-vl caption --checkpoint DIR IMAGE...         one caption per image
   salamandra-vl chat --checkpoint DIR [--image IMG]       interactive chat, streamed answers
   salamandra-vl info DIR                                  what a saved checkpoint holds
+  salamandra-vl export --to hf-llava CHECKPOINT OUT       write a Hugging Face LLaVA directory
+  salamandra-vl import --from hf-llava DIR OUT            read one back into our format
 """
 
 from __future__ import annotations
@@ -112,6 +114,20 @@ def info_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from multimodal.export import export_hf_llava
+
+    print(export_hf_llava(args.checkpoint, args.out))
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> int:
+    from multimodal.export import import_hf_llava
+
+    print(import_hf_llava(args.hf_dir, args.out, timm_model_name=args.timm_model))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salamandra-vl",
@@ -158,6 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("checkpoint", help="directory written by save_pretrained")
     info.set_defaults(run=info_command)
+
+    export = commands.add_parser(
+        "export", help="convert a checkpoint to the Hugging Face LLaVA format",
+        description="Write a directory that transformers.AutoProcessor and LlavaForConditionalGeneration load "
+                    "with no extra code: LlavaConfig (CLIP or SigLIP vision config matching the open_clip tower), "
+                    "safetensors weights in the llava-hf layout, the image processor, the tokenizer with its chat "
+                    "template, and the processor settings that expand one image token into the model's number "
+                    "of image tokens. What the LLaVA layout cannot hold (pixel-shuffle projector, MLP depth other "
+                    "than 2, the projector's 'positions' embedding, 'longest' resize, towers with layer scale or "
+                    "register tokens, ...) is refused before anything is written.",
+        epilog="Hugging Face's default (torchvision) image processor may round a resized pixel a level or two "
+               "away from ours; AutoProcessor.from_pretrained(OUT, backend='pil') matches ours bit for bit.",
+    )
+    export.add_argument("--to", required=True, choices=["hf-llava"], dest="target",
+                        help="target format: hf-llava (transformers' LlavaForConditionalGeneration)")
+    export.add_argument("checkpoint", help="directory written by save_pretrained (or the demo)")
+    export.add_argument("out", help="output directory (new or empty)")
+    export.set_defaults(run=export_command)
+
+    import_ = commands.add_parser(
+        "import", help="convert a Hugging Face LLaVA directory into a salamandra-vision checkpoint",
+        description="Read a transformers LLaVA directory (CLIP or SigLIP vision tower, Llama decoder, Salamandra "
+                    "tokenizer) and write it in the save_pretrained format that caption, chat and "
+                    "VisionLanguageModel.from_pretrained read.",
+    )
+    import_.add_argument("--from", required=True, choices=["hf-llava"], dest="source",
+                         help="source format: hf-llava (transformers' LlavaForConditionalGeneration)")
+    import_.add_argument("--timm-model", default=None,
+                         help="SigLIP towers only: the registered timm model with the tower's architecture "
+                              "(default: the first timm '*siglip*' model that matches)")
+    import_.add_argument("hf_dir", help="Hugging Face LLaVA model directory")
+    import_.add_argument("out", help="output directory (new or empty)")
+    import_.set_defaults(run=import_command)
     return parser
 
 
