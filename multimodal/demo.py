@@ -69,7 +69,7 @@ DEMO_PROJECTOR = {"kind": "mlp", "depth": 2, "positions": 16, "position_std": 1.
 class DemoConfig:
     train_images: int = 8000
     test_images: int = 300
-    pretrain_texts: int = 6000
+    pretrain_texts: int = 12000
     vocab_size: int = 768
     decoder: dict = field(default_factory=lambda: {
         "n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384, "max_seq_len": 256})
