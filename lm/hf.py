@@ -169,6 +169,15 @@ def save_decoder(decoder: Decoder, directory: str | Path, max_shard_bytes: int =
     dtype = next(iter(state.values())).dtype
     (directory / "config.json").write_text(json.dumps(config_to_hf(decoder.config, dtype), indent=2) + "\n")
 
+    for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    write_safetensors(state, directory, max_shard_bytes)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """`state` as Hugging Face lays it out: one `model.safetensors`, or shards of at most
+    `max_shard_bytes` (a tensor larger than that gets a shard of its own) with a
+    `model.safetensors.index.json` mapping each tensor to its shard."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -178,8 +187,6 @@ def save_decoder(decoder: Decoder, directory: str | Path, max_shard_bytes: int =
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)

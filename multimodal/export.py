@@ -50,20 +50,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import projector as projectors
 from encoders import OpenCLIPEncoder
 from lm import Decoder
-from lm.hf import config_from_hf, config_to_hf
+from lm.hf import INDEX_FILE, config_from_hf, config_to_hf, write_safetensors
+from lm.hf import SINGLE_FILE as WEIGHTS_FILE
 from lm.tokenizer import load_tokenizer
 from multimodal.model import VisionLanguageModel
 
 __all__ = ["check_exportable", "export_hf_llava", "import_hf_llava", "llava_chat_template"]
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -340,30 +338,6 @@ def _hf_state(model: VisionLanguageModel, plan: _ExportPlan) -> dict[str, torch.
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _write_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2) + "\n")
-
-
 def _image_processor_config(encoder: OpenCLIPEncoder) -> dict[str, Any]:
     size = encoder.image_size
     config: dict[str, Any] = {
@@ -429,7 +403,7 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_weights(state, out_dir)
+    write_safetensors(state, out_dir, MAX_SHARD_BYTES)
     GenerationConfig(
         bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id],
         pad_token_id=tokenizer.pad_id, do_sample=False,
