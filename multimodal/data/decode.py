@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Why a sample (or a shard) was skipped. The pipeline counts skips under these names, the training
 # loop logs them, so they are part of the interface: add new ones, do not rename.
@@ -31,7 +32,9 @@ PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # <image> markers do not match th
 NO_LABELS = "no_labels"                    # nothing to learn (no assistant turn)
 TOO_LONG = "too_long"                      # more tokens than max_tokens
 IMAGE_UNDECODABLE = "image_undecodable"    # truncated, corrupt or unknown image bytes
-IMAGE_TOO_LARGE = "image_too_large"        # Pillow's decompression-bomb guard
+IMAGE_TOO_LARGE = "image_too_large"        # more pixels than max_pixels, refused from the header (bomb)
+IMAGE_TOO_SMALL = "image_too_small"        # a side under min_side pixels (1x1 trackers, broken thumbnails)
+IMAGE_EXTREME_ASPECT = "image_extreme_aspect"  # long side over max_aspect_ratio x the short one
 UNEXPECTED_ERROR = "unexpected_error"      # a bug or an input nobody foresaw; logged with the exception
 
 
@@ -71,16 +74,59 @@ def decode_json(data: bytes) -> dict[str, Any]:
     return record
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An RGB image from encoded bytes (any format Pillow reads); the first frame of an animation."""
+# Image formats a shard may hold, whatever the file's extension says (Pillow sniffs the content).
+# Restricting Image.open keeps plugins with external tools or a history of parser bugs (EPS runs
+# Ghostscript) away from untrusted bytes; TIFF stays for CMYK scans. A camera's multi-picture JPEG
+# opens through JPEG (as format MPO, a JPEG subclass, so draft mode applies to it too).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+JPEG_FORMATS = ("JPEG", "MPO")
+
+# Limits checked on the header, before any pixel is decoded. Defaults for SampleSettings.
+MAX_IMAGE_PIXELS = 8192 * 8192  # 64 Mpx: above every camera photo; an RGB copy is 200 MB
+MIN_IMAGE_SIDE = 8              # as synthetic.render: below 8 px nothing in the image is recognisable
+MAX_ASPECT_RATIO = 20.0         # beyond it, "shortest" (CLIP) crops away 95 % of the image, "squash"
+                                # (SigLIP) stretches it 20x: either way the caption no longer fits
+
+
+def decode_image(data: bytes, *, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 min_side: int = 1, max_aspect_ratio: float | None = None) -> Image.Image:
+    """An RGB image from encoded bytes, as a viewer shows it; raises SkipSample when it cannot be.
+
+    - The header is checked first (Image.open reads nothing else): more than `max_pixels` pixels
+      (a decompression bomb declares a huge size in a few bytes) is image_too_large, a side under
+      `min_side` image_too_small, a ratio of sides over `max_aspect_ratio` image_extreme_aspect.
+      None of these is decoded, so a bomb costs no memory.
+    - `draft_size`: the side the encoder's transform resizes to. A JPEG is then decoded by libjpeg
+      at 1/2, 1/4 or 1/8 scale, the smallest that keeps both sides >= draft_size (Image.draft's
+      rule), so the transform never upsamples what a full decode would have downsampled.
+    - The EXIF orientation is applied (phones store photos sideways and set a tag), then the image
+      is converted to RGB by `to_rgb`. Only the first frame of an animation is used.
+    """
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # Image.open only reads the header; truncation shows up here
+        with warnings.catch_warnings():
+            # Pillow warns about sizes it considers bombs; the limit below refuses them instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise SkipSample(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > {max_pixels}")
+        if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * max(min(width, height), 1):
+            raise SkipSample(IMAGE_EXTREME_ASPECT, f"{width}x{height}: aspect ratio over {max_aspect_ratio:g}")
+        if min(width, height) < min_side:
+            raise SkipSample(IMAGE_TOO_SMALL, f"{width}x{height}: a side under {min_side} pixels")
+        if draft_size is not None and image.format in JPEG_FORMATS:
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()  # truncation and corrupt data show up here
+        try:
+            ImageOps.exif_transpose(image, in_place=True)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are fine, keep them as stored
+            pass
         return to_rgb(image)
-    except Image.DecompressionBombError as error:
+    except Image.DecompressionBombError as error:  # Pillow's own guard (MAX_IMAGE_PIXELS), in open
         raise SkipSample(IMAGE_TOO_LARGE, str(error)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        # SyntaxError is what some Pillow plugins raise for malformed headers.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        # SyntaxError is what some Pillow plugins raise for malformed headers; a format outside
+        # ACCEPTED_FORMATS is an UnidentifiedImageError.
         raise SkipSample(IMAGE_UNDECODABLE, f"{type(error).__name__}: {error}") from None
 
 
@@ -96,6 +142,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     whatever colour they happen to store (often black), where a viewer shows the page behind them,
     white; and 16-bit grayscale is clipped at 255, turning most of the image white instead of
     scaling it down.
+
+    Why white behind transparency: the image was made to be seen on a page, and web pages, viewers
+    and document backgrounds are white by default, so the caption describes the image as seen on
+    white. Black (Pillow's default for many palette files) would hide the black text and line art
+    that transparent logos, icons and diagrams are mostly made of.
     """
     if image.mode == "RGB" and "transparency" not in image.info:
         return image

@@ -38,6 +38,9 @@ from multimodal.conversation import (
     with_image_markers,
 )
 from multimodal.data.decode import (
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
     BAD_CONVERSATION,
     BAD_IMAGE_NAMES,
     MISSING_TEXT,
@@ -81,6 +84,24 @@ class SampleSettings:
     max_tokens: int
     seed: int = 0
     default_language: str = "en"
+    # Image limits, checked on each image's header before it is decoded (see decode.decode_image).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    min_image_side: int = MIN_IMAGE_SIDE
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    # JPEGs are decoded at reduced scale (libjpeg's draft mode), never below this side. None: the
+    # transform's own image_size (an encoders.transforms.ImageTransform has one); 0: full decode.
+    decode_size: int | None = None
+
+    def draft_size(self) -> int | None:
+        """The side JPEG draft decoding must keep, or None for a full decode."""
+        if self.decode_size is not None:
+            return self.decode_size or None
+        size = getattr(self.image_transform, "image_size", None)
+        return size if isinstance(size, int) and size > 0 else None
+
+    def decode_image(self, data: bytes) -> Image.Image:
+        return decode_image(data, draft_size=self.draft_size(), max_pixels=self.max_image_pixels,
+                            min_side=self.min_image_side, max_aspect_ratio=self.max_aspect_ratio)
 
 
 def image_fields(sample: Mapping[str, Any]) -> list[str]:
@@ -179,5 +200,5 @@ def to_tokenized_sample(sample: Mapping[str, Any], settings: SampleSettings) -> 
     image_names = image_fields(sample)
     tokens = tokenize_sample(sample, image_names, settings)
     check_tokens(tokens, len(image_names), settings)
-    images = [settings.image_transform(decode_image(sample[name])) for name in image_names]
+    images = [settings.image_transform(settings.decode_image(sample[name])) for name in image_names]
     return TokenizedSample(sample["__key__"], tokens.input_ids, tokens.labels, images)
