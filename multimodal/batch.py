@@ -16,7 +16,8 @@ class Batch:
     not shifted). pixels: [N, 3, H, W], the images of the whole batch in the order their
     placeholders appear (row by row). layout: plain causal rows, or packed rows with sample lengths.
     The data path also reports what it did: num_samples packed into this batch, and samples skipped
-    (by reason) since the previous batch of the same worker.
+    (by reason) since the previous batch of the same worker, and how many of its samples came from
+    each data source (by source name).
     """
 
     input_ids: torch.Tensor
@@ -25,8 +26,9 @@ class Batch:
     layout: SeqLayout | None = None
     num_samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout,
-                     self.num_samples, dict(self.skipped))
+                     self.num_samples, dict(self.skipped), dict(self.sources))

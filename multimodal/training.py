@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import projector as projectors
 from encoders import OpenCLIPEncoder, encoder_transform
@@ -141,6 +141,7 @@ class VLMModule(L.LightningModule):
         )
         self.model: VisionLanguageModel | None = None
         self.skipped: Counter[str] = Counter()
+        self.source_counts: Counter[str] = Counter()
         self._step_started: float | None = None
 
     def configure_model(self) -> None:
@@ -174,6 +175,12 @@ class VLMModule(L.LightningModule):
         self.skipped.update(batch.skipped)
         for reason, count in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(count), batch_size=rows)
+        # Achieved mix so far (this rank): the fraction of samples from each source.
+        self.source_counts.update(batch.sources)
+        if len(self.source_counts) > 1:
+            total = sum(self.source_counts.values())
+            for name, count in self.source_counts.items():
+                self.log(f"data/source_{name}", count / total, batch_size=rows)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -210,7 +217,12 @@ class VLMModule(L.LightningModule):
 
 class ShardDataModule(L.LightningDataModule):
     """Training and validation streams. The tokenizer, preprocessing and image token count come
-    from the model being trained, so the data always matches it."""
+    from the model being trained, so the data always matches it.
+
+    Before training, the shard counts are checked against world size x num_workers (ValueError when
+    a reader would get no shard; a warning in resampled mode). With several ranks, Lightning's DDP
+    needs every rank to yield the same number of batches per epoch, or it can hang at epoch end:
+    set data.train.resampled and data.train.batches_per_epoch (a warning says so otherwise)."""
 
     def __init__(self, train: DataConfig | None = None, val: DataConfig | None = None, num_workers: int = 2):
         super().__init__()
@@ -220,12 +232,17 @@ class ShardDataModule(L.LightningDataModule):
         model: VisionLanguageModel = self.trainer.lightning_module.model
         transform = encoder_transform(model.encoder)  # config.pad_to_square is applied by build_dataset
         dataset = build_dataset(config, model.tokenizer, transform, model.image_token_id, model.num_image_tokens)
-        return build_loader(dataset, self.num_workers)
+        return build_loader(dataset, self.num_workers, world_size=self.trainer.world_size)
 
     def train_dataloader(self):
         if self.train_config is None:
-            raise ValueError("no training data: set data.train.shards")
-        return self._loader(self.train_config)
+            raise ValueError("no training data: set data.train.shards or data.train.sources")
+        config = self.train_config
+        if self.trainer.world_size > 1 and config.batches_per_epoch is None:
+            rank_zero_warn(f"{self.trainer.world_size} ranks and no data.train.batches_per_epoch: ranks may yield "
+                           "different numbers of batches, which can hang DDP at epoch end; set resampled: true "
+                           "and batches_per_epoch (or end the run with max_steps before any rank runs out)")
+        return self._loader(config)
 
     def val_dataloader(self):
         return [] if self.val_config is None else self._loader(self.val_config)

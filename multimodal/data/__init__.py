@@ -30,6 +30,9 @@ from multimodal.data.packing import make_batch, pack_samples, padding_waste
 from multimodal.data.pipeline import (
     DataConfig,
     ShardDataset,
+    SkipBudgetExceeded,
+    Source,
+    SourceConfig,
     build_loader,
     check_local_shards,
     expand_shards,
@@ -40,7 +43,9 @@ __all__ = [
     "DataConfig",
     "ShardDataset",
     "SampleSettings",
+    "SkipBudgetExceeded",
     "SkipSample",
+    "SourceConfig",
     "TokenizedSample",
     "build_dataset",
     "build_loader",
@@ -58,7 +63,8 @@ def build_dataset(
     image_token_id: int,
     num_image_tokens: int,
 ) -> ShardDataset:
-    """An IterableDataset of Batches (or (Batch, keys) with config.with_keys) over config.shards.
+    """An IterableDataset of Batches (or (Batch, keys) with config.with_keys) over config.shards, or
+    over config.sources mixed by weight. build_loader checks the shard counts against the readers.
 
     `image_transform` maps an RGB PIL image to a [3, H, W] tensor: `encoder_transform(encoder)`.
     `image_token_id` and `num_image_tokens` are the model's (VisionLanguageModel attributes).
@@ -73,8 +79,13 @@ def build_dataset(
             raise ValueError("pad_to_square needs an encoders.transforms.ImageTransform; "
                              "pass encoder_transform(encoder, pad_to_square=True) instead")
         image_transform = dataclasses.replace(image_transform, pad_to_square=True)
-    urls = expand_shards(config.shards)
-    check_local_shards(urls)
+    sources = []
+    for source in config.source_list():
+        urls = expand_shards(source.shards)
+        if not urls:
+            raise ValueError(f"source {source.name!r}: {source.shards!r} names no shard")
+        check_local_shards(urls)
+        sources.append(Source(source.name, float(source.weight), tuple(urls)))
     settings = SampleSettings(
         tokenizer=tokenizer,
         image_transform=image_transform,
@@ -84,4 +95,4 @@ def build_dataset(
         seed=config.seed,
         default_language=config.default_language,
     )
-    return ShardDataset(config, settings, urls)
+    return ShardDataset(config, settings, sources)
