@@ -159,9 +159,6 @@ class VLMModule(L.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
-    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
-        return batch.to(device)
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.model(batch)
         rows = batch.input_ids.shape[0]
