@@ -458,12 +458,16 @@ def _romance_plural(language: str, kind: str, colour: str) -> tuple[str, bool]:
     return f"{two} {plural} {_COLOUR_WORDS[language][colour][3 if feminine else 2]}", feminine
 
 
+def _romance_single(language: str, layout: str, shape: tuple) -> str:
+    # A large shape fills the centre, so its caption names no position.
+    kind, colour, size = shape
+    phrase = _romance_phrase(language, kind, colour, size)
+    return phrase if size == "large" else f"{phrase} {_POSITION_PHRASES[language][layout]}"
+
+
 def _caption_es(layout: str, shapes: list[tuple]) -> str:
     if len(shapes) == 1:
-        kind, colour, size = shapes[0]
-        if size == "large":
-            return _romance_phrase("es", kind, colour, size)
-        return f"{_romance_phrase('es', kind, colour, size)} {_POSITION_PHRASES['es'][layout]}"
+        return _romance_single("es", layout, shapes[0])
     (k1, c1, _), (k2, c2, _) = shapes
     if (k1, c1) == (k2, c2):
         plural, feminine = _romance_plural("es", k1, c1)
@@ -478,10 +482,7 @@ def _caption_es(layout: str, shapes: list[tuple]) -> str:
 
 def _caption_ca(layout: str, shapes: list[tuple]) -> str:
     if len(shapes) == 1:
-        kind, colour, size = shapes[0]
-        if size == "large":
-            return _romance_phrase("ca", kind, colour, size)
-        return f"{_romance_phrase('ca', kind, colour, size)} {_POSITION_PHRASES['ca'][layout]}"
+        return _romance_single("ca", layout, shapes[0])
     (k1, c1, _), (k2, c2, _) = shapes
     if (k1, c1) == (k2, c2):
         plural, feminine = _romance_plural("ca", k1, c1)
