@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,7 +18,8 @@ class Batch:
     placeholders appear (row by row). layout: plain causal rows, or packed rows with sample lengths.
     The data path also reports what it did: num_samples packed into this batch, and samples skipped
     (by reason) since the previous batch of the same worker, and how many of its samples came from
-    each data source (by source name).
+    each data source (by source name), the keys of the samples in each row, and `position`: where
+    the reader that made it stood right after it (data.resume; what a checkpoint saves).
     """
 
     input_ids: torch.Tensor
@@ -27,8 +29,10 @@ class Batch:
     num_samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
+    keys: list[list[str]] = field(default_factory=list)
+    position: dict[str, Any] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout,
-                     self.num_samples, dict(self.skipped), dict(self.sources))
+                     self.num_samples, dict(self.skipped), dict(self.sources), self.keys, self.position)

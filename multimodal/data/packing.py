@@ -13,7 +13,8 @@ buffer overflows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,53 +26,93 @@ from multimodal.data.samples import TokenizedSample
 Item = TypeVar("Item")
 
 
+@dataclass
+class Packer:
+    """First-fit packing of samples into rows of `max_tokens`, with its open rows held here (not in
+    a generator's locals) so that a reader can save them and continue exactly where it was.
+
+    Each sample goes into the oldest open row with room for it, or opens a new row. A row is emitted
+    when it is exactly full, when the open rows hold more than `buffer_size` samples (the oldest row
+    goes), and at the end (all rows, oldest first). Samples are never split or reordered within a
+    row; each one is longer than 0 and at most `max_tokens` (longer ones must be filtered out
+    before: ValueError).
+    """
+
+    max_tokens: int
+    buffer_size: int
+    length: Callable[[Any], int] = len
+    rows: list[list[Any]] = field(default_factory=list)  # open rows, oldest first
+    room: list[int] = field(default_factory=list)        # free tokens in each open row
+    held: int = 0                                         # samples in open rows
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0 or self.buffer_size <= 0:
+            raise ValueError(f"max_tokens and buffer_size must be positive, got {self.max_tokens} and {self.buffer_size}")
+
+    def pack(self, samples: Iterable[Item]) -> Iterator[list[Item]]:
+        samples = iter(samples)
+        # The overflow check comes first in each round, so a Packer restored from a saved state
+        # (which was saved at one of these yields) goes on exactly as the original would have.
+        while True:
+            while self.held > self.buffer_size:
+                yield self._emit(0)
+            sample = next(samples, _END)
+            if sample is _END:
+                break
+            n = self.length(sample)
+            if not 0 < n <= self.max_tokens:
+                raise ValueError(f"a sample of {n} tokens cannot go into rows of {self.max_tokens}")
+            index = next((i for i, free in enumerate(self.room) if free >= n), len(self.rows))
+            if index == len(self.rows):
+                self.rows.append([])
+                self.room.append(self.max_tokens)
+            self.rows[index].append(sample)
+            self.room[index] -= n
+            self.held += 1
+            if self.room[index] == 0:
+                yield self._emit(index)
+        while self.rows:
+            yield self._emit(0)
+
+    def _emit(self, index: int) -> list[Any]:
+        self.room.pop(index)
+        row = self.rows.pop(index)
+        self.held -= len(row)
+        return row
+
+
+_END = object()
+
+
 def pack_samples(
     samples: Iterable[Item], max_tokens: int, buffer_size: int, length: Callable[[Item], int] = len
 ) -> Iterator[list[Item]]:
-    """Rows of samples, first-fit: each sample goes into the oldest open row with room for it, or
-    opens a new row. A row is emitted when it is exactly full, when the open rows hold more than
-    `buffer_size` samples (the oldest row goes), and at the end (all rows, oldest first).
+    """Rows of samples, packed first-fit (see Packer)."""
+    return Packer(max_tokens, buffer_size, length).pack(samples)
 
-    Samples are never split or reordered within a row; each one is longer than 0 and at most
-    `max_tokens` (longer ones must be filtered out before: ValueError).
-    """
-    if max_tokens <= 0 or buffer_size <= 0:
-        raise ValueError(f"max_tokens and buffer_size must be positive, got {max_tokens} and {buffer_size}")
-    rows: list[list[Item]] = []  # open rows, oldest first
-    room: list[int] = []         # free tokens in each open row
-    held = 0
-    for sample in samples:
-        n = length(sample)
-        if not 0 < n <= max_tokens:
-            raise ValueError(f"a sample of {n} tokens cannot go into rows of {max_tokens}")
-        index = next((i for i, free in enumerate(room) if free >= n), len(rows))
-        if index == len(rows):
-            rows.append([])
-            room.append(max_tokens)
-        rows[index].append(sample)
-        room[index] -= n
-        held += 1
-        if room[index] == 0:
-            held -= len(rows[index])
-            room.pop(index)
-            yield rows.pop(index)
-        while held > buffer_size:
-            held -= len(rows[0])
-            room.pop(0)
-            yield rows.pop(0)
-    yield from rows
+
+@dataclass
+class Grouper:
+    """Consecutive groups of `rows_per_batch` rows (the last one may be shorter), with the group
+    being filled held here so that it can be saved."""
+
+    rows_per_batch: int
+    group: list[Any] = field(default_factory=list)
+
+    def groups(self, rows: Iterable[Item]) -> Iterator[list[Item]]:
+        for row in rows:
+            self.group.append(row)
+            if len(self.group) == self.rows_per_batch:
+                group, self.group = self.group, []
+                yield group
+        if self.group:
+            group, self.group = self.group, []
+            yield group
 
 
 def group_rows(rows: Iterable[Item], rows_per_batch: int) -> Iterator[list[Item]]:
     """Consecutive groups of `rows_per_batch` (the last one may be shorter)."""
-    group: list[Item] = []
-    for row in rows:
-        group.append(row)
-        if len(group) == rows_per_batch:
-            yield group
-            group = []
-    if group:
-        yield group
+    return Grouper(rows_per_batch).groups(rows)
 
 
 def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_id: int,

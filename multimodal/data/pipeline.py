@@ -47,7 +47,8 @@ from webdataset.utils import pytorch_worker_info
 
 from multimodal.batch import Batch
 from multimodal.data.decode import DUPLICATE_FILE, SHARD_ERROR, SPLIT_SAMPLE, UNEXPECTED_ERROR, SkipSample
-from multimodal.data.packing import group_rows, make_batch, pack_samples
+from multimodal.data.packing import Grouper, Packer, make_batch
+from multimodal.data.resume import ResumePlan
 from multimodal.data.samples import SampleSettings, TokenizedSample, to_tokenized_sample
 from multimodal.prompts import CAPTION_PROMPTS
 
@@ -179,12 +180,6 @@ def shards_for_worker(urls: Sequence[str], seed: int, epoch: int, shuffle: bool,
     return urls[rank::world_size][worker::num_workers]
 
 
-def resampled_shards(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
-    """Shards drawn at random with replacement, forever."""
-    while True:
-        yield rng.choice(urls)
-
-
 def check_readers(sources: Sequence[Source], resampled: bool, world_size: int, num_workers: int) -> None:
     """Before training: in the default mode every reader (rank x worker) needs at least one shard of
     every source, else it would have nothing to read (and a rank with fewer batches than the others
@@ -274,11 +269,24 @@ class SkipCounter:
         self.since_batch.clear()
         return counts
 
+    def state(self) -> dict[str, Any]:
+        """The counts (not the log's rate limiting), as plain dicts for a checkpoint."""
+        return {name: dict(getattr(self, name)) for name in COUNTER_FIELDS} | {
+            "skipped": self.skipped, "accepted": self.accepted}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        for name in COUNTER_FIELDS:
+            setattr(self, name, Counter(state[name]))
+        self.skipped, self.accepted = state["skipped"], state["accepted"]
+
+
+COUNTER_FIELDS = ("since_batch", "total", "by_shard", "accepted_by_shard")
+
 
 # --- 2. raw samples from a shard -----------------------------------------------------------------
 
 
-def read_shard(url: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, skips: SkipCounter, skip_first: int = 0) -> Iterator[dict[str, Any]]:
     """The samples of one shard in tar order: {"__key__", "__url__", suffix: bytes, ...}.
 
     A file's key is its name up to the first dot ("a/b.0.jpg" -> key "a/b", suffix "0.jpg"), as in
@@ -286,97 +294,217 @@ def read_shard(url: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
     comes back later in the shard, or a suffix twice in one sample, is skipped rather than merged:
     either would pair one sample's image with another one's text. An unreadable shard or a tar that
     breaks off is counted once (shard_error); the sample being read when it broke is dropped.
+
+    `skip_first` (resuming): the first samples are read past without being handed on, and skips met
+    before them are not counted again (the saved counts hold them); a shard that now has fewer
+    samples than that has changed since the checkpoint: RuntimeError.
     """
+    handed = 0
+
+    def report(reason: str, key: str | None, detail: str) -> None:
+        if handed >= skip_first:
+            skips.skip(reason, url, key, detail)
+
+    def complete(sample: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        # The sample, or nothing (a counted skip) if grouping found it broken.
+        nonlocal handed
+        if "__skip__" in sample:
+            reason, detail = sample["__skip__"]
+            report(reason, sample["__key__"], detail)
+            return
+        if handed >= skip_first:
+            handed += 1
+            yield sample
+        else:
+            handed += 1
+
     try:
         stream = webdataset.gopen(url)
     except Exception as error:  # missing file, failed command, refused connection, ...
-        skips.skip(SHARD_ERROR, url, None, f"cannot open: {type(error).__name__}: {error}")
-        return
-    seen: set[str] = set()
-    current: dict[str, Any] | None = None
-    try:
-        for file in tar_file_iterator(stream):
-            key, suffix = base_plus_ext(file["fname"])
-            if key is None:  # no extension: not part of any sample
-                continue
-            suffix = suffix.lower()
-            if current is None or key != current["__key__"]:
-                if current is not None:
-                    yield from complete_sample(current, skips)
-                current = {"__key__": key, "__url__": url}
-                if key in seen:
-                    current["__skip__"] = (SPLIT_SAMPLE, "the key's files are not contiguous in the tar")
-                seen.add(key)
-            if suffix in current:
-                current["__skip__"] = (DUPLICATE_FILE, f"{suffix!r} appears twice")
-            current[suffix] = file["data"]
-    except SkipBudgetExceeded:
-        raise
-    except Exception as error:  # a truncated or corrupt tar stream
-        skips.skip(SHARD_ERROR, url, None, f"tar stream broke off: {type(error).__name__}: {error}")
-        current = None
-    finally:
+        report(SHARD_ERROR, None, f"cannot open: {type(error).__name__}: {error}")
+        stream = None
+    if stream is not None:
+        seen: set[str] = set()
+        current: dict[str, Any] | None = None
         try:
-            stream.close()
-        except Exception as error:  # a pipe: command closed early exits non-zero; nothing to do
-            logger.debug("closing %s: %s", url, error)
-    if current is not None:
-        yield from complete_sample(current, skips)
+            for file in tar_file_iterator(stream):
+                key, suffix = base_plus_ext(file["fname"])
+                if key is None:  # no extension: not part of any sample
+                    continue
+                suffix = suffix.lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield from complete(current)
+                    current = {"__key__": key, "__url__": url}
+                    if key in seen:
+                        current["__skip__"] = (SPLIT_SAMPLE, "the key's files are not contiguous in the tar")
+                    seen.add(key)
+                if suffix in current:
+                    current["__skip__"] = (DUPLICATE_FILE, f"{suffix!r} appears twice")
+                current[suffix] = file["data"]
+        except SkipBudgetExceeded:
+            raise
+        except Exception as error:  # a truncated or corrupt tar stream
+            report(SHARD_ERROR, None, f"tar stream broke off: {type(error).__name__}: {error}")
+            current = None
+        finally:
+            try:
+                stream.close()
+            except Exception as error:  # a pipe: command closed early exits non-zero; nothing to do
+                logger.debug("closing %s: %s", url, error)
+        if current is not None:
+            yield from complete(current)
+    if handed < skip_first:
+        raise RuntimeError(f"{url} now holds {handed} readable samples, but the checkpoint had read {skip_first} "
+                           "of them: the shard changed since the checkpoint was written")
 
 
-def complete_sample(sample: dict[str, Any], skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """The sample, or nothing (a counted skip) if grouping found it broken."""
-    if "__skip__" in sample:
-        reason, detail = sample["__skip__"]
-        skips.skip(reason, sample["__url__"], sample["__key__"], detail)
-    else:
-        yield sample
+@dataclass
+class SourceReader:
+    """One reader's samples of one source, shard after shard, and where it is: the current shard
+    and how many of its samples were handed on (what a checkpoint saves to continue from).
 
+    Default mode: `order` lists this reader's shards (indices into source.urls) and `shard` is the
+    position in it. Resampled: `rng` draws each next shard with replacement and `shard` is the
+    drawn url's index. From an endless (resampled) stream, a run of `give_up` shards that give no
+    sample at all (empty or unreadable) is an error rather than a silent endless loop.
+    """
 
-def read_shards(urls: Iterable[str], skips: SkipCounter, name: str = SINGLE_SOURCE) -> Iterator[dict[str, Any]]:
-    """The samples of the shards in turn. From an endless (resampled) shard stream, a run of
-    shards that give no sample at all (empty or unreadable) longer than `give_up` is an error
-    rather than a silent endless loop."""
-    empty_in_a_row, give_up = 0, 1000
-    for url in urls:
+    index: int                       # the source's position in the reader's source list
+    source: Source
+    order: list[int] | None          # None: resampled
+    rng: random.Random | None = None
+    shard: int = -1                  # -1: no shard opened yet
+    taken: int = 0
+    empty_in_a_row: int = 0
+    done: bool = False
+    give_up: int = 1000
+
+    def samples(self, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+        if self.shard >= 0 and not self.done:  # resuming inside a shard
+            yield from self._read(skips, skip_first=self.taken)
+        while not self.done:
+            if self.order is None:
+                self.shard = self.rng.randrange(len(self.source.urls))
+            else:
+                self.shard += 1
+                if self.shard >= len(self.order):
+                    self.done = True
+                    return
+            self.taken = 0
+            yield from self._read(skips)
+
+    def url(self) -> str:
+        return self.source.urls[self.shard if self.order is None else self.order[self.shard]]
+
+    def _read(self, skips: SkipCounter, skip_first: int = 0) -> Iterator[dict[str, Any]]:
+        url = self.url()
+        url_index = self.shard if self.order is None else self.order[self.shard]
         before = skips.skipped + skips.accepted
         got = False
-        for sample in read_shard(url, skips):
+        for sample in read_shard(url, skips, skip_first):
             got = True
+            self.taken += 1
+            sample["__ref__"] = (self.index, url_index, sample["__key__"])
             yield sample
-        if got or skips.skipped + skips.accepted > before:
-            empty_in_a_row = 0
+        if got or skip_first or skips.skipped + skips.accepted > before:
+            self.empty_in_a_row = 0
         else:
-            empty_in_a_row += 1
-            if empty_in_a_row >= give_up:
-                raise RuntimeError(f"source {name!r}: {give_up} shards in a row held no sample, e.g. {url}")
+            self.empty_in_a_row += 1
+            if self.empty_in_a_row >= self.give_up:
+                raise RuntimeError(f"source {self.source.name!r}: {self.give_up} shards in a row held no sample, "
+                                   f"e.g. {url}")
+
+    def state(self) -> dict[str, Any]:
+        return {"shard": self.shard, "taken": self.taken, "empty_in_a_row": self.empty_in_a_row,
+                "done": self.done, "rng": rng_state(self.rng)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.shard, self.taken = state["shard"], state["taken"]
+        self.empty_in_a_row, self.done = state["empty_in_a_row"], state["done"]
+        set_rng_state(self.rng, state["rng"])
+
+
+def rng_state(rng: random.Random | None) -> list | None:
+    """A random.Random's state as plain lists (it goes into checkpoints)."""
+    if rng is None:
+        return None
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random | None, state: list | None) -> None:
+    if rng is not None and state is not None:
+        rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
 # --- 3. several sources, mixed by weight ------------------------------------------------------------
 
 
-def mix_sources(streams: Mapping[str, Iterator[Any]], weights: Mapping[str, float],
-                rng: random.Random) -> Iterator[tuple[str, Any]]:
+@dataclass
+class Mixer:
     """(source name, item): each from a source drawn by weight among those not yet run out; a
     source that runs out drops out and the rest go on, until all have run out."""
-    active = list(streams)
-    while active:
-        name = active[0] if len(active) == 1 else rng.choices(active, weights=[weights[n] for n in active])[0]
-        try:
-            item = next(streams[name])
-        except StopIteration:
-            active.remove(name)
-            continue
-        yield name, item
+
+    weights: dict[str, float]
+    rng: random.Random
+    active: list[str] = field(default_factory=list)
+
+    def mix(self, streams: Mapping[str, Iterator[Any]]) -> Iterator[tuple[str, Any]]:
+        while self.active:
+            active = self.active
+            name = active[0] if len(active) == 1 else self.rng.choices(active, weights=[self.weights[n] for n in active])[0]
+            try:
+                item = next(streams[name])
+            except StopIteration:
+                active.remove(name)
+                continue
+            yield name, item
 
 
-# --- 4. tokenized samples -------------------------------------------------------------------------
+# --- 4. the shuffle buffer ----------------------------------------------------------------------------
+
+
+@dataclass
+class Shuffler:
+    """webdataset's shuffle buffer (the same draws from the same RNG, so the same order), with the
+    buffer held here so that a checkpoint can save which samples it holds."""
+
+    size: int
+    rng: random.Random
+    initial: int = 100
+    buffer: list[Any] = field(default_factory=list)
+
+    def shuffle(self, items: Iterator[Any]) -> Iterator[Any]:
+        initial = min(self.initial, self.size)
+        for item in items:
+            self.buffer.append(item)
+            if len(self.buffer) < self.size:
+                try:
+                    self.buffer.append(next(items))
+                except StopIteration:
+                    pass
+            if len(self.buffer) >= initial:
+                yield self._pick()
+        while self.buffer:
+            yield self._pick()
+
+    def _pick(self) -> Any:
+        k = self.rng.randint(0, len(self.buffer) - 1)
+        item = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return item
+
+
+# --- 5. tokenized samples -------------------------------------------------------------------------
 
 
 def tokenized_samples(raw: Iterator[tuple[str, Mapping[str, Any]]], settings: SampleSettings,
-                      skips: SkipCounter) -> Iterator[tuple[str, TokenizedSample]]:
-    """(source name, tokenized sample) of each (source name, raw sample) that is not skipped."""
-    for source, sample in raw:
+                      skips: SkipCounter) -> Iterator[tuple[tuple, TokenizedSample]]:
+    """(reference, tokenized sample) of each (source name, raw sample) that is not skipped; the
+    reference (source index, url index, key) says where to read the sample again."""
+    for _, sample in raw:
         try:
             tokenized = to_tokenized_sample(sample, settings)
         except SkipSample as skip:
@@ -390,7 +518,7 @@ def tokenized_samples(raw: Iterator[tuple[str, Mapping[str, Any]]], settings: Sa
                 logger.debug("traceback of the unexpected error", exc_info=True)
             continue
         skips.accept(sample["__url__"])
-        yield source, tokenized
+        yield sample["__ref__"], tokenized
 
 
 # --- all steps, in one reader ----------------------------------------------------------------------
@@ -405,85 +533,161 @@ def reader_quota(batches_per_epoch: int | None, worker: int, num_workers: int) -
 
 def iterate_batches(config: DataConfig, settings: SampleSettings, sources: Sequence[Source] | Sequence[str],
                     epoch: int, config_rank: tuple[int, int] | None = None,
-                    ) -> Iterator[Batch | tuple[Batch, list[list[str]]]]:
+                    resume: ResumePlan | None = None) -> Iterator[Batch | tuple[Batch, list[list[str]]]]:
     """The Batches of this reader (rank x DataLoader worker) for one epoch.
 
     The rank is `config_rank` (rank, world size) when given, else it comes from RANK / WORLD_SIZE
     when set (torchrun), else from the torch.distributed process group.
+
+    Every Batch carries `position`: the reader's state right after it (every stage's buffers as
+    references to samples, every RNG, the shard and offset of every source, the skip counts). With
+    `resume`, each DataLoader worker takes over the reader the plan gives it and goes on from its
+    saved state, so that the Batches that follow are exactly those an uninterrupted run would have
+    produced.
     """
     if sources and isinstance(sources[0], str):
         sources = [Source(SINGLE_SOURCE, 1.0, tuple(sources))]
     rank, world_size, worker, num_workers = pytorch_worker_info()
     if config_rank is not None:  # found by build_loader in the main process (see ShardDataset.placed)
         rank, world_size = config_rank
+    state = None
+    if resume is not None:
+        # Workers are rotated so that the reader whose Batch comes next runs in worker 0, the one
+        # the DataLoader asks first: the round-robin order of readers is then the original one.
+        worker = resume.reader_of(worker)
+        state = resume.states.get(worker)
     reader = f"rank {rank} worker {worker}"
     quota = reader_quota(config.batches_per_epoch, worker, num_workers)
-    if quota == 0:
+    if quota == 0 or (state is not None and state["finished"]):
         return
     shuffle = config.shuffle_buffer > 0
     skips = SkipCounter(max_fraction=config.max_skip_fraction, min_samples=config.skip_budget_min_samples,
                         reader=reader)
-    streams: dict[str, Iterator[dict[str, Any]]] = {}
-    shard_counts = {}
-    for source in sources:
+    readers: list[SourceReader] = []
+    for index, source in enumerate(sources):
         if config.resampled:
             rng = random.Random(f"resample:{config.seed}:{epoch}:{rank}:{worker}:{source.name}")
-            urls: Iterable[str] = resampled_shards(source.urls, rng)
-            shard_counts[source.name] = len(source.urls)
+            readers.append(SourceReader(index, source, None, rng))
         else:
-            urls = shards_for_worker(source.urls, config.seed, epoch, shuffle, rank, world_size, worker, num_workers)
-            shard_counts[source.name] = len(urls)
-            if not urls:
+            order = shards_for_worker(range(len(source.urls)), config.seed, epoch, shuffle, rank, world_size,
+                                      worker, num_workers)
+            if not order:
                 logger.warning("%s has no shard of source %r: %d shards for %d ranks x %d workers; "
                                "use more shards or fewer workers", reader, source.name, len(source.urls),
                                world_size, num_workers)
-                continue
-        streams[source.name] = read_shards(urls, skips, source.name)
-    if not streams:
+            readers.append(SourceReader(index, source, order))
+    mixer = Mixer({source.name: source.weight for source in sources},
+                  random.Random(f"mix:{config.seed}:{epoch}:{rank}:{worker}"),
+                  [r.source.name for r in readers if r.order is None or r.order])
+    # Each reader its own stream of random numbers, reproducible from (seed, epoch, reader).
+    shuffler = Shuffler(config.shuffle_buffer, random.Random(f"samples:{config.seed}:{epoch}:{rank}:{worker}"))
+    packer = Packer(config.max_tokens, config.pack_buffer, length=lambda item: len(item[1]))
+    grouper = Grouper(config.rows_per_batch)
+    pending: list[list[tuple[tuple, TokenizedSample]]] | None = None
+    batches, from_source = 0, Counter()
+    if state is not None:
+        pending = restore_reader(state, settings, sources, readers, skips, mixer, shuffler, packer, grouper)
+        batches, from_source = state["batches"], Counter(state["from_source"])
+    if not mixer.active and pending is None and not packer.rows and not grouper.group and not shuffler.buffer:
         return
-    mix_rng = random.Random(f"mix:{config.seed}:{epoch}:{rank}:{worker}")
-    raw = mix_sources(streams, {source.name: source.weight for source in sources}, mix_rng)
+    raw = mixer.mix({r.source.name: r.samples(skips) for r in readers})
     if shuffle:
-        # Each reader its own stream of random numbers, reproducible from (seed, epoch, reader).
-        rng = random.Random(f"samples:{config.seed}:{epoch}:{rank}:{worker}")
-        raw = webdataset.shuffle(config.shuffle_buffer, rng=rng)(raw)
+        raw = shuffler.shuffle(raw)
     samples = tokenized_samples(raw, settings, skips)
-    rows = pack_samples(samples, config.max_tokens, config.pack_buffer, length=lambda item: len(item[1]))
-    from_source: Counter = Counter()
+    groups = grouper.groups(packer.pack(samples))
+    names = [source.name for source in sources]
 
-    def finish(group: list[list[tuple[str, TokenizedSample]]]) -> Batch | tuple[Batch, list[list[str]]]:
+    def finish(group: list[list[tuple[tuple, TokenizedSample]]], finished: bool) -> Batch | tuple[Batch, list[list[str]]]:
         batch = make_batch([[sample for _, sample in row] for row in group], config.max_tokens,
                            settings.tokenizer.pad_id, skips.take())
-        batch.sources = dict(Counter(name for row in group for name, _ in row))
+        batch.sources = dict(Counter(names[ref[0]] for row in group for ref, _ in row))
+        batch.keys = [[sample.key for _, sample in row] for row in group]
         from_source.update(batch.sources)
-        return (batch, [[sample.key for _, sample in row] for row in group]) if config.with_keys else batch
+        batch.position = {"worker": worker, "workers": max(1, num_workers), "rank": rank, "world_size": world_size,
+                          "epoch": epoch, "state": {
+            "sources": [r.state() for r in readers],
+            "mixer": {"active": list(mixer.active), "rng": rng_state(mixer.rng)},
+            "shuffle": {"buffer": [sample["__ref__"] for _, sample in shuffler.buffer], "rng": rng_state(shuffler.rng)},
+            "packer": {"rows": [[ref for ref, _ in row] for row in packer.rows], "room": list(packer.room),
+                       "held": packer.held},
+            "group": [[ref for ref, _ in row] for row in grouper.group],
+            "pending": None if finished or pending is None else [[ref for ref, _ in row] for row in pending],
+            "skips": skips.state(), "batches": batches, "from_source": dict(from_source), "finished": finished}}
+        return (batch, batch.keys) if config.with_keys else batch
 
     # One group is held back until the next is ready (or the data ends), so skips found after the
     # last full batch, at the tail of the last shard, still reach the training loop on a Batch.
-    pending, batches = None, 0
-    for group in group_rows(rows, config.rows_per_batch):
-        if pending is not None:
-            yield finish(pending)
-            batches += 1
-        pending = group
-        if quota is not None and batches + 1 == quota:
+    # Each round starts with the quota check, the point a restored reader starts from.
+    while not (quota is not None and pending is not None and batches + 1 == quota):
+        group = next(groups, None)
+        if group is None:
             break
+        if pending is not None:
+            ready, pending = pending, group
+            batches += 1
+            yield finish(ready, finished=False)
+        else:
+            pending = group
     if pending is not None:
-        yield finish(pending)
+        ready, pending = pending, None
         batches += 1
+        yield finish(ready, finished=True)
     if quota is not None and batches < quota:
         logger.warning("%s produced %d of its %d batches (batches_per_epoch %d): its data ran out; ranks with "
                        "unequal batch counts can hang DDP; lower batches_per_epoch or use resampled mode",
                        reader, batches, quota, config.batches_per_epoch)
     if batches == 0 and skips.total:
-        logger.warning("%s produced no batch from %s shards; every sample was skipped: %s",
-                       reader, shard_counts, dict(skips.total))
+        logger.warning("%s produced no batch from %s; every sample was skipped: %s",
+                       reader, [source.name for source in sources], dict(skips.total))
     else:
         total = sum(from_source.values()) or 1
-        achieved = ", ".join(f"{name} {from_source[name] / total:.3f} (weight {source.weight:g})"
-                             for source in sources for name in [source.name])
-        logger.info("%s: %d batches, %d samples from %s shards, skipped %s; sources: %s",
-                    reader, batches, sum(from_source.values()), shard_counts, dict(skips.total), achieved)
+        achieved = ", ".join(f"{source.name} {from_source[source.name] / total:.3f} (weight {source.weight:g})"
+                             for source in sources)
+        logger.info("%s: %d batches, %d samples, skipped %s; sources: %s",
+                    reader, batches, sum(from_source.values()), dict(skips.total), achieved)
+
+
+def restore_reader(state: Mapping[str, Any], settings: SampleSettings, sources: Sequence[Source],
+                   readers: Sequence[SourceReader], skips: SkipCounter, mixer: Mixer, shuffler: Shuffler,
+                   packer: Packer, grouper: Grouper) -> list[list[tuple[tuple, TokenizedSample]]] | None:
+    """Put a reader's stages back into a saved state; returns the pending group. The samples the
+    buffers held are read again from their shards and tokenized again (both deterministic)."""
+    for reader, saved in zip(readers, state["sources"], strict=True):
+        reader.restore(saved)
+    mixer.active = list(state["mixer"]["active"])
+    set_rng_state(mixer.rng, state["mixer"]["rng"])
+    set_rng_state(shuffler.rng, state["shuffle"]["rng"])
+    skips.restore(state["skips"])
+    rows = [*state["packer"]["rows"], *state["group"], *(state["pending"] or [])]
+    refs = [tuple(ref) for ref in state["shuffle"]["buffer"]] + [tuple(ref) for row in rows for ref in row]
+    raw = read_samples(sources, refs)
+    tokenized = {ref: to_tokenized_sample(raw[ref], settings) for row in rows for ref in map(tuple, row)}
+    names = [source.name for source in sources]
+    shuffler.buffer = [(names[ref[0]], raw[ref]) for ref in map(tuple, state["shuffle"]["buffer"])]
+    restore_rows = lambda saved: [[(tuple(ref), tokenized[tuple(ref)]) for ref in row] for row in saved]  # noqa: E731
+    packer.rows, packer.room, packer.held = restore_rows(state["packer"]["rows"]), list(state["packer"]["room"]), state["packer"]["held"]
+    grouper.group = restore_rows(state["group"])
+    return None if state["pending"] is None else restore_rows(state["pending"])
+
+
+def read_samples(sources: Sequence[Source], refs: Iterable[tuple]) -> dict[tuple, dict[str, Any]]:
+    """The raw samples named by (source index, url index, key) references, each shard read once."""
+    wanted: dict[tuple[int, int], set[str]] = {}
+    for source_index, url_index, key in refs:
+        wanted.setdefault((source_index, url_index), set()).add(key)
+    found: dict[tuple, dict[str, Any]] = {}
+    quiet = SkipCounter(log_first=0, log_every_s=float("inf"))  # skips here were counted the first time
+    for (source_index, url_index), keys in wanted.items():
+        url = sources[source_index].urls[url_index]
+        for sample in read_shard(url, quiet):
+            if sample["__key__"] in keys:
+                sample["__ref__"] = (source_index, url_index, sample["__key__"])
+                found[sample["__ref__"]] = sample
+        missing = sorted(keys - {key for (s, u, key) in found if (s, u) == (source_index, url_index)})
+        if missing:
+            raise RuntimeError(f"resuming: {url} no longer holds the samples {missing[:3]} that the checkpoint's "
+                               "buffers held; the data changed since the checkpoint was written")
+    return found
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -501,16 +705,25 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.urls = [url for source in self.sources for url in source.urls]
         self.epoch = 0
         self.placed: tuple[int, int] | None = None  # (rank, world size), set by build_loader
+        self.resume: ResumePlan | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, plan: ResumePlan | None) -> None:
+        """Go on from a checkpoint's data position: its epoch, each reader from its saved state."""
+        self.resume = plan
+        if plan is not None:
+            self.epoch = plan.epoch
 
     def check_readers(self, world_size: int, num_workers: int) -> None:
         """ValueError (or, resampled, a warning) when some reader would get no shard of a source."""
         check_readers(self.sources, self.config.resampled, world_size, num_workers)
 
     def __iter__(self) -> Iterator[Batch | tuple[Batch, list[list[str]]]]:
-        return iterate_batches(self.config, self.settings, self.sources, self.epoch, self.placed)
+        # The plan holds only for its own epoch; the epochs after it start afresh.
+        resume = self.resume if self.resume is not None and self.resume.epoch == self.epoch else None
+        return iterate_batches(self.config, self.settings, self.sources, self.epoch, self.placed, resume)
 
 
 def keep_as_is(item: Any) -> Any:
@@ -536,6 +749,8 @@ def build_loader(dataset: ShardDataset, num_workers: int, world_size: int | None
         raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
     dataset.placed = (rank, world_size)
     dataset.check_readers(world_size, num_workers)
+    if dataset.resume is not None:
+        dataset.resume.check(world_size, num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
