@@ -49,6 +49,8 @@ def run_lightning(argv: Sequence[str]) -> int:
 
     LightningCLI(
         VLMModule, ShardDataModule, args=list(argv), save_config_kwargs={"overwrite": True},
+        # Checkpoints are written atomically unless the config names other plugins.
+        trainer_defaults={"plugins": [{"class_path": "multimodal.checkpoint_io.AtomicCheckpointIO"}]},
         parser_kwargs={"description": "Train or validate a salamandra-vision model (PyTorch Lightning)."},
     )
     return 0

@@ -26,6 +26,7 @@ from lm import Decoder, LMConfig, load_decoder, load_tokenizer
 from lm.config import PRESETS
 from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_dataset, build_loader
+from multimodal.data.resume import DataPosition
 from multimodal.model import VisionLanguageModel
 
 MODULES = ("encoder", "projector", "decoder")
@@ -143,6 +144,9 @@ class VLMModule(L.LightningModule):
         self.skipped: Counter[str] = Counter()
         self.source_counts: Counter[str] = Counter()
         self._step_started: float | None = None
+        # What this rank has trained on in the current epoch: saved with every checkpoint so that a
+        # resumed run goes on with exactly the data an uninterrupted one would have seen.
+        self.data_position = DataPosition()
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -160,6 +164,7 @@ class VLMModule(L.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.data_position.consumed(batch.position)
         loss, _ = self.model(batch)
         rows = batch.input_ids.shape[0]
         tokens = real_tokens(batch)
@@ -179,6 +184,26 @@ class VLMModule(L.LightningModule):
             for name, count in self.source_counts.items():
                 self.log(f"data/source_{name}", count / total, batch_size=rows)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank reads its own shards, so the checkpoint (written by rank 0) holds every rank's
+        # position. Lightning calls this hook on all ranks together, as a collective needs.
+        mine = {"position": self.data_position.state_dict(), "skipped": dict(self.skipped),
+                "sources": dict(self.source_counts)}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        checkpoint["data_position"] = ranks
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ranks = checkpoint.get("data_position")
+        if not ranks:
+            return
+        # A checkpoint from another number of ranks: the data module refuses its plan (ResumePlan.check).
+        mine = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
+        self.data_position = DataPosition.from_state_dict(mine["position"])
+        self.skipped, self.source_counts = Counter(mine["skipped"]), Counter(mine["sources"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.model(batch)
@@ -239,7 +264,17 @@ class ShardDataModule(L.LightningDataModule):
             rank_zero_warn(f"{self.trainer.world_size} ranks and no data.train.batches_per_epoch: ranks may yield "
                            "different numbers of batches, which can hang DDP at epoch end; set resampled: true "
                            "and batches_per_epoch (or end the run with max_steps before any rank runs out)")
-        return self._loader(config)
+        loader = self._loader(config)
+        # Lightning makes the loader (and starts its workers) before on_train_epoch_start, also when
+        # it resumes inside an epoch: the epoch and the data position are set here.
+        dataset = loader.dataset
+        dataset.set_epoch(self.trainer.current_epoch)
+        position = getattr(self.trainer.lightning_module, "data_position", None)
+        plan = position.plan() if position is not None else None
+        if config.resume and plan is not None and plan.epoch == self.trainer.current_epoch:
+            plan.check(self.trainer.world_size, self.num_workers)
+            dataset.resume_from(plan)
+        return loader
 
     def val_dataloader(self):
         return [] if self.val_config is None else self._loader(self.val_config)

@@ -90,6 +90,9 @@ class DataConfig:
     max_skip_fraction: stop with SkipBudgetExceeded, naming the worst shards, when a reader has
       skipped more than this fraction of its samples (after skip_budget_min_samples samples);
       None: never stop.
+    resume: when training resumes from a checkpoint saved mid-epoch, go on from the data position it
+      saved (exactly the Batches an uninterrupted run would have seen next; needs the same ranks
+      and DataLoader workers); False: start that epoch's data afresh.
     """
 
     shards: str | list[str] | None = None
@@ -106,6 +109,7 @@ class DataConfig:
     batches_per_epoch: int | None = None
     max_skip_fraction: float | None = 0.1
     skip_budget_min_samples: int = 1000
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.sources is not None and self.shards:
