@@ -1,4 +1,4 @@
-"""Ranks and workers: every sample once per epoch across 2 rank processes x 2 workers, shard counts
+"""Ranks and workers: every sample once per epoch across 2 ranks of a gloo process group x 2 workers, shard counts
 checked before training, resampled epochs of a fixed length, and the skip budget."""
 
 import json
@@ -32,21 +32,28 @@ def dataset(parts, **options):
 
 
 def rank_main(rank: int, world_size: int, root: str, sources: list[dict]) -> None:
-    """One rank, placed as torchrun places it (RANK / WORLD_SIZE): read one epoch in each mode with
-    2 DataLoader workers and write what it saw."""
+    """One rank of a real gloo process group (as DDP on CPU runs it): read one epoch in each mode
+    with 2 DataLoader workers, and gather what every rank saw through the group."""
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
-    parts = model_parts(load_tokenizer(os.path.join(root, "tokenizer")))
-    # One batch in this process first: imports done here once are inherited by the forked workers.
-    next(iter(dataset(parts, sources=[SourceConfig(**s) for s in sources])))
-    seen = {}
-    for mode, options in (("once", {}), ("resampled", {"resampled": True, "batches_per_epoch": 5})):
-        data = dataset(parts, sources=[SourceConfig(**s) for s in sources], **options)
-        data.set_epoch(1)
-        batches = list(build_loader(data, num_workers=2))
-        seen[mode] = {"keys": keys_of(batches), "batches": len(batches)}
-    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
-        json.dump(seen, file)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                                         world_size=world_size)
+    try:
+        parts = model_parts(load_tokenizer(os.path.join(root, "tokenizer")))
+        # One batch in this process first: imports done here once are inherited by the forked workers.
+        next(iter(dataset(parts, sources=[SourceConfig(**s) for s in sources])))
+        seen = {}
+        for mode, options in (("once", {}), ("resampled", {"resampled": True, "batches_per_epoch": 5})):
+            data = dataset(parts, sources=[SourceConfig(**s) for s in sources], **options)
+            data.set_epoch(1)
+            batches = list(build_loader(data, num_workers=2))  # rank and world size from the group
+            seen[mode] = {"keys": keys_of(batches), "batches": len(batches)}
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, seen)
+        if rank == 0:
+            with open(os.path.join(root, "ranks.json"), "w") as file:
+                json.dump(everyone, file)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_two_workers_see_every_sample_exactly_once(tokenizer, tmp_path):
@@ -56,7 +63,8 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(tokenizer, tmp_path
     tokenizer.save(tmp_path / "tokenizer")
     sources = [{"name": "captions", "shards": captions, "weight": 0.7}, {"name": "text", "shards": texts, "weight": 0.3}]
     mp.spawn(rank_main, args=(2, str(tmp_path), sources), nprocs=2, join=True)
-    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert "RANK" not in os.environ  # the ranks learn their place from the process group alone
+    seen = json.loads((tmp_path / "ranks.json").read_text())
     union = seen[0]["once"]["keys"] + seen[1]["once"]["keys"]
     assert len(union) == len(set(union)), "a sample was read twice"
     assert set(union) == set(expected), "a sample was lost"
