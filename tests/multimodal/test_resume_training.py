@@ -1,7 +1,8 @@
 """Exact resume through the real command line: `salamandra-vl fit` is SIGKILLed in the middle of its
 second epoch (2 DataLoader workers, two sources, shuffling, packing, a bad sample), then resumed from
 its last checkpoint; the samples and losses after the checkpoint equal those of an uninterrupted run,
-and every sample of an epoch is trained on exactly once. Checkpoints survive a kill during a save."""
+and every sample of an epoch is trained on exactly once. The same holds for 2 DDP ranks (gloo).
+Checkpoints survive a kill during a save."""
 
 import json
 import os
@@ -36,7 +37,7 @@ class StepRecorder(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": batch.keys,
                   "loss": float(outputs["loss"])}
-        with open(self.path, "a") as file:
+        with open(self.path.format(rank=trainer.global_rank), "a") as file:
             file.write(json.dumps(record) + "\n")
             file.flush()
             os.fsync(file.fileno())
@@ -44,21 +45,24 @@ class StepRecorder(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str | None = None) -> int:
-    """One `salamandra-vl fit` in a subprocess; its steps are recorded in root/name.jsonl."""
+def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str | None = None,
+        devices: int = 1, keep_every_checkpoint: bool = False, **data_options) -> int:
+    """One `salamandra-vl fit` in a subprocess; its steps are recorded in root/name.jsonl (with
+    several devices, root/name.rank<R>.jsonl)."""
     sources = [{"name": "captions", "shards": sorted(str(p) for p in (root / "a").glob("*.tar")), "weight": 0.7},
                {"name": "text", "shards": sorted(str(p) for p in (root / "b").glob("*.tar")), "weight": 0.3}]
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "max_steps": max_steps, "logger": False, "enable_progress_bar": False,
+            "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "logger": False, "enable_progress_bar": False,
             "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(root / name),
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(root / name / "checkpoints"), "every_n_train_steps": EVERY,
-                               "save_last": True}},
+                               "save_last": True, "save_top_k": -1 if keep_every_checkpoint else 1}},
                 {"class_path": f"{__name__}.StepRecorder",
-                 "init_args": {"path": str(root / f"{name}.jsonl"), "kill_at": kill_at}},
+                 "init_args": {"path": str(root / (f"{name}.jsonl" if devices == 1 else f"{name}.rank{{rank}}.jsonl")),
+                               "kill_at": kill_at}},
             ],
         },
         "model": {
@@ -67,7 +71,7 @@ def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str
             "stage": {"train": ["projector", "decoder"], "lr": {"projector": 1e-3, "decoder": 1e-3}, "warmup_steps": 2},
         },
         "data": {"train": {"sources": sources, "max_tokens": 160, "rows_per_batch": 2, "shuffle_buffer": 10,
-                           "pack_buffer": 4, "max_skip_fraction": None},
+                           "pack_buffer": 4, "max_skip_fraction": None, **data_options},
                  "num_workers": 2},
     }
     path = root / f"{name}.yaml"
@@ -84,6 +88,25 @@ def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str
 
 def steps(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_two_ddp_ranks_resume_exactly_from_a_mid_epoch_checkpoint(root):
+    """DDP on CPU (gloo), 2 ranks x 2 workers, resampled with a fixed epoch length (the rule under
+    DDP): the checkpoint holds both ranks' positions, and resuming from one saved mid-epoch gives
+    each rank exactly the samples and losses of the uninterrupted run."""
+    data = {"resampled": True, "batches_per_epoch": 8}
+    fit(root, "ddp", max_steps=12, devices=2, keep_every_checkpoint=True, **data)
+    checkpoint = next((root / "ddp" / "checkpoints").glob("*step=6.ckpt"))
+    saved = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    positions = [rank["position"] for rank in saved["data_position"]]
+    assert len(positions) == 2 and positions[0]["states"] != positions[1]["states"]
+    fit(root, "ddp-resumed", max_steps=12, devices=2, ckpt_path=str(checkpoint), **data)
+    for rank in range(2):
+        whole, resumed = steps(root, f"ddp.rank{rank}"), steps(root, f"ddp-resumed.rank{rank}")
+        assert [s["keys"] for s in resumed] == [s["keys"] for s in whole[6:]], rank
+        for mine, reference in zip(resumed, whole[6:]):
+            assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=1e-7)
+    assert steps(root, "ddp.rank0")[0]["keys"] != steps(root, "ddp.rank1")[0]["keys"]
 
 
 @pytest.fixture(scope="module")
