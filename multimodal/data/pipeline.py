@@ -8,11 +8,15 @@ Per epoch, every rank and worker (a "reader") runs the same steps on its own sha
 2. `read_shard`: webdataset opens the URL (local path, `pipe:`, http, ...) and iterates the tar;
    files are grouped into samples by key within one shard only, so a sample can never take a file
    from a neighbour or from another shard.
-3. `mix_sources`: with several sources, each next sample comes from a source drawn by weight.
-4. a shuffle buffer over raw samples (bytes are small; decoded images would not be).
+   `SourceReader` reads one source's shards in turn and knows its shard and offset.
+3. `Mixer`: with several sources, each next sample comes from a source drawn by weight.
+4. `Shuffler`: a shuffle buffer over raw samples (bytes are small; decoded images would not be).
 5. `samples.to_tokenized_sample`, or a counted and logged skip; past the skip budget, an error.
-6. `packing`: first-fit rows, grouped into Batches that carry the skip counts since the last one
-   and the number of samples from each source.
+6. `packing`: first-fit rows, grouped into Batches that carry the skip counts since the last one,
+   the number of samples from each source, their keys and the reader's position after them.
+
+Every stage keeps its state (buffers, RNGs, offsets) on an object rather than in a generator's
+locals, so the reader's exact position can be saved with each Batch and restored (data.resume).
 
 What an epoch is:
 - default (`resampled: false`): every sample of every source exactly once across all ranks and
