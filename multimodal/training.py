@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import projector as projectors
 from encoders import OpenCLIPEncoder, encoder_transform
-from lm import Decoder, LMConfig, load_decoder, load_tokenizer
+from lm import Decoder, LMConfig, compile_blocks, load_decoder, load_tokenizer
 from lm.config import PRESETS
 from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_dataset, build_loader
@@ -60,6 +60,9 @@ class StageConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     gradient_checkpointing: bool = False
+    # torch.compile each decoder block (lm.compile_blocks): true, or torch.compile's options
+    # ({"mode": "max-autotune-no-cudagraphs"}). Worth it on a GPU; compiling costs a minute or more.
+    compile: bool | dict[str, Any] = False
 
 
 def build_model(spec: ModelSpec) -> VisionLanguageModel:
@@ -103,6 +106,8 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> None:
     if missing_lr:
         raise ValueError(f"no learning rate for trained modules {missing_lr} (stage.lr has {sorted(stage.lr)})")
     model.decoder.gradient_checkpointing = stage.gradient_checkpointing
+    if stage.compile:
+        compile_blocks(model.decoder, **(stage.compile if isinstance(stage.compile, dict) else {}))
 
 
 def parameter_report(model: VisionLanguageModel) -> str:

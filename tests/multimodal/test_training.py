@@ -126,3 +126,18 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_compiled_decoder_blocks_train_like_eager(setup):
+    _, spec, shards = setup
+    losses = {}
+    for name, compile in (("eager", False), ("compiled", {"backend": "aot_eager"})):
+        torch.manual_seed(0)
+        stage = StageConfig(train=["projector", "decoder"], lr={"projector": 1e-3, "decoder": 1e-3}, compile=compile)
+        module = VLMModule(spec, stage)
+        history = LossHistory()
+        trainer(4, callbacks=[history]).fit(module, datamodule=data(shards))
+        losses[name] = history.losses
+        blocks = module.model.decoder.model.layers
+        assert all((block._compiled_call_impl is not None) == bool(compile) for block in blocks)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
