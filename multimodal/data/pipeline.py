@@ -362,9 +362,27 @@ def read_shard(url: str, skips: SkipCounter, skip_first: int = 0) -> Iterator[di
                 logger.debug("closing %s: %s", url, error)
         if current is not None:
             yield from complete(current)
+            if not has_end_of_archive(url):
+                report(SHARD_ERROR, None, "the tar has no end-of-archive marker: it was cut short after its "
+                                          "last complete file, and what followed is lost")
     if handed < skip_first:
         raise RuntimeError(f"{url} now holds {handed} readable samples, but the checkpoint had read {skip_first} "
                            "of them: the shard changed since the checkpoint was written")
+
+
+def has_end_of_archive(url: str) -> bool:
+    """False when a local, uncompressed .tar lacks the two zero blocks every tar writer puts at its
+    end: a tar cut exactly between two members reads without error, so this is the only sign that
+    samples were lost. Other URLs and compressed shards cannot be checked this way: True."""
+    path = local_path(url)
+    if path is None or not path.endswith(".tar"):
+        return True
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size < 1024:
+            return False
+        file.seek(size - 1024)
+        return not any(file.read(1024))
 
 
 @dataclass

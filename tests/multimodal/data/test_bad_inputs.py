@@ -186,7 +186,22 @@ def build_shards(directory) -> tuple[list[str], dict[str, Good], Counter]:
         member = next(m for m in tar.getmembers() if m.name == "t003.png")
     second.write_bytes(whole[: member.offset_data + member.size // 2])
     bad["shard_error"] += 1
-    return [first, str(second)], good, bad
+
+    # The third breaks off exactly between two members, where Python's tarfile sees a normal end:
+    # the missing end-of-archive marker gives it away. The samples before the cut all arrive.
+    third = directory / "bad-002.tar"
+    with TarWriter(str(third)) as writer:
+        for number in range(4):
+            key, rgb = f"u{number:03d}", colour(700 + number)
+            writer.write(caption(key, encode(solid(rgb, (64, 64)), "PNG"), "png"))
+            if number < 2:
+                good[key] = Good([solid(rgb, (64, 64))])
+    whole = third.read_bytes()
+    with tarfile.open(third) as tar:
+        member = next(m for m in tar.getmembers() if m.name == "u002.png")
+    third.write_bytes(whole[: member.offset])
+    bad["shard_error"] += 1
+    return [first, str(second), str(third)], good, bad
 
 
 def levels(a: torch.Tensor, b: torch.Tensor, transform) -> float:
