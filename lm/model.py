@@ -8,7 +8,7 @@ Hugging Face checkpoint loads with no renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,8 @@ class KVCache:
     values: list[torch.Tensor]
     valid: torch.Tensor
     length: int = 0
+    # (length, new_tokens, mask) of the step in progress: every layer of a step needs the same mask.
+    _step_mask: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def allocate(
@@ -93,6 +95,58 @@ class KVCache:
         itself = keys[None, :] == queries[:, None]
         return (self.valid[:, None, :end] & causal) | itself
 
+    def step_mask(self, new_tokens: int) -> torch.Tensor | None:
+        """`attention_mask(new_tokens)` for the step in progress, built once for all layers; None when
+        it hides nothing (one new token, no padding slot), so attention can run without a mask."""
+        if self._step_mask is None or self._step_mask[:2] != (self.length, new_tokens):
+            end = self.length + new_tokens
+            if new_tokens == 1 and bool(self.valid[:, :end].all()):
+                mask = None
+            else:
+                mask = self.attention_mask(new_tokens)
+            self._step_mask = (self.length, new_tokens, mask)
+        return self._step_mask[2]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new tokens' keys and values [B, T, Hkv, D] of `layer` after the `length` cached
+        ones; return the keys and values to attend over and the step's mask (see `step_mask`)."""
+        start, end = self.length, self.length + k.shape[1]
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end], self.step_mask(k.shape[1])
+
+
+@dataclass
+class StaticKVStep:
+    """One decoding step (one new token per row) over a `KVCache`'s tensors at fixed shapes, for a
+    compiled step function: the graph must not change from one step to the next, so the slot the
+    new keys and values go to is a tensor (`slot`, shape [1]) rather than `KVCache.length`, and
+    attention covers all `max_tokens` slots, those not yet written hidden by `mask` [B, 1, max_tokens]
+    (`KVCache.valid` and slot index <= `slot`). Passed to the blocks in place of a KVCache; it
+    does not advance anything: the caller steps `slot`.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    slot: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of_tensors(
+        cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, slot: torch.Tensor
+    ) -> "StaticKVStep":
+        """The step writing slot `slot` of a KVCache's `keys`, `values` and `valid`."""
+        slots = torch.arange(valid.shape[1], device=valid.device)
+        return cls(keys, values, slot, (valid & (slots <= slot))[:, None, :])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # In-place index copies, which the compiler keeps in place (no copy of the cache per step).
+        self.keys[layer].index_copy_(1, self.slot, k)
+        self.values[layer].index_copy_(1, self.slot, v)
+        return self.keys[layer], self.values[layer], self.mask
+
 
 class Attention(nn.Module):
     def __init__(self, config: LMConfig):
@@ -117,12 +171,8 @@ class Attention(nn.Module):
         if cache is None:
             out = causal_attention(q, k, v, layout, c.attention)
         else:
-            start, end = cache.length, cache.length + tokens
-            cache.keys[layer][:, start:end] = k
-            cache.values[layer][:, start:end] = v
-            out = cached_attention(
-                q, cache.keys[layer][:, :end], cache.values[layer][:, :end], cache.attention_mask(tokens)
-            )
+            keys, values, allowed = cache.update(layer, k, v)
+            out = cached_attention(q, keys, values, allowed)
         return self.o_proj(out.reshape(batch, tokens, c.n_heads * c.head_dim))
 
 

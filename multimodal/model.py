@@ -32,7 +32,7 @@ from encoders import OpenCLIPEncoder
 from encoders.transforms import ImageTransform, encoder_transform
 from lm import Decoder, LMConfig
 from lm.attention import SeqLayout
-from lm.loss import chunked_cross_entropy, next_token_targets
+from lm.loss import chunked_cross_entropy, count_labelled, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
 from multimodal.batch import Batch
@@ -42,6 +42,31 @@ from multimodal.prompts import caption_prompt
 FORMAT = "salamandra-vision"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _placeholder_run_starts(is_image: torch.Tensor, layout: SeqLayout | None) -> torch.Tensor:
+    """[B, T] True at the first placeholder of each run; a sample boundary also ends a run."""
+    batch, tokens = is_image.shape
+    boundary = torch.zeros_like(is_image)
+    boundary[:, 0] = True
+    if layout is not None and layout.is_packed:
+        segments = layout.segment_ids(batch, tokens, is_image.device)
+        boundary[:, 1:] |= segments[:, 1:] != segments[:, :-1]
+    previous = torch.zeros_like(is_image)
+    previous[:, 1:] = is_image[:, :-1]
+    return is_image & (~previous | boundary)
+
+
+def _placeholders_match(is_image: torch.Tensor, run_starts: torch.Tensor, images: int, per_image: int) -> torch.Tensor:
+    """A bool tensor, computed without leaving the device: as many runs as images, as many
+    placeholders as images * per_image, and no run longer than per_image (so every run is exactly
+    per_image long)."""
+    is_image, run_starts = is_image.flatten(), run_starts.flatten()
+    seen = torch.cumsum(is_image, 0)  # placeholders up to and including each token
+    # Placeholders before the start of the run a token belongs to (the latest run start so far).
+    before_run = torch.cummax(torch.where(run_starts, seen - 1, 0), 0).values
+    longest_run = torch.where(is_image, seen - before_run, 0).max()
+    return ((seen[-1] == images * per_image) & (run_starts.sum() == images) & (longest_run <= per_image))
 
 
 class VisionLanguageModel(nn.Module):
@@ -109,16 +134,20 @@ class VisionLanguageModel(nn.Module):
     def _check_placeholders(self, is_image: torch.Tensor, images: int, layout: SeqLayout | None) -> None:
         """Every image is one unbroken run of exactly num_image_tokens placeholders inside one sample,
         and there are as many runs as images: anything else would put image tokens where they do not
-        belong. One host synchronisation for the whole check."""
-        batch, tokens = is_image.shape
-        boundary = torch.zeros_like(is_image)
-        boundary[:, 0] = True
-        if layout is not None and layout.is_packed:
-            segments = layout.segment_ids(batch, tokens, is_image.device)
-            boundary[:, 1:] |= segments[:, 1:] != segments[:, :-1]
-        previous = torch.zeros_like(is_image)
-        previous[:, 1:] = is_image[:, :-1]
-        run_starts = is_image & (~previous | boundary)
+        belong.
+
+        On CPU the check reads the runs back and says what is wrong. On an accelerator, reading
+        anything back would make the host wait for the GPU in every training step; there the same
+        condition is computed on the device and queued as an assertion (`_placeholders_match`),
+        which stops the run at the next synchronisation if it fails."""
+        run_starts = _placeholder_run_starts(is_image, layout)
+        if is_image.device.type != "cpu":
+            torch._assert_async(
+                _placeholders_match(is_image, run_starts, images, self.num_image_tokens),
+                f"image placeholders do not match the images: expected {images} unbroken runs of "
+                f"{self.num_image_tokens} placeholders within samples (run the batch on CPU for details)",
+            )
+            return
         run_of_token = torch.cumsum(run_starts.flatten(), 0) - 1
         lengths = torch.bincount(run_of_token[is_image.flatten()]).tolist() if bool(is_image.any()) else []
         placeholders = sum(lengths)
@@ -139,12 +168,17 @@ class VisionLanguageModel(nn.Module):
         logits; logits [B, T, vocab] are returned when there are no labels or when asked for."""
         if batch.labels is not None and batch.labels.shape != batch.input_ids.shape:
             raise ValueError(f"labels {tuple(batch.labels.shape)} do not match input_ids {tuple(batch.input_ids.shape)}")
+        targets = labelled = None
+        if batch.labels is not None:
+            # Counted before the model's kernels are queued, read after: no wait for the GPU.
+            targets = next_token_targets(batch.labels, batch.layout)
+            labelled = count_labelled(targets)
         embeds = self.embed(batch.input_ids, batch.pixels, batch.layout)
         hidden = self.decoder.hidden_states(inputs_embeds=embeds, layout=batch.layout)
         loss = None
-        if batch.labels is not None:
-            targets = next_token_targets(batch.labels, batch.layout)
-            loss = chunked_cross_entropy(hidden, self.decoder.lm_head.weight, targets, self.loss_chunk_size)
+        if targets is not None:
+            loss = chunked_cross_entropy(hidden, self.decoder.lm_head.weight, targets, self.loss_chunk_size,
+                                         num_labelled=labelled())
         logits = self.decoder.lm_head(hidden) if return_logits or batch.labels is None else None
         return loss, logits
 
