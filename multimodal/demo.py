@@ -179,7 +179,7 @@ def pretrain_vision_tower(tokenizer, shards: list[str], steps: int, path: Path, 
     texts = {language: torch.tensor([token_row(synthetic.describe(s, language)) for s in everything])
              for language in synthetic.LANGUAGES}
     loss_fn = ClipLoss()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05, fused=True)
     # Warmup and cosine decay, as CLIP trains: the loss ends lower and steadier than at a fixed rate.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, max(1, steps // 20), steps, min_ratio=0.05))

@@ -152,13 +152,20 @@ class _CompiledStep:
     """A compiled step and the weights it was built for, kept on the decoder; copies and pickles of
     the decoder get None instead (the compiled code neither copies nor pickles), and compile anew."""
 
-    def __init__(self, decoder: Decoder, key: tuple) -> None:
+    def __init__(self, key: tuple) -> None:
         self.key = key
+        self.function = self.compile()
+        # For one-row steps on CPU, built on first use: the column-major copy and its own step.
+        self.column_major: tuple[Decoder, Callable[..., torch.Tensor]] | None = None
+
+    @staticmethod
+    def compile() -> Callable[..., torch.Tensor]:
         # A copy of the code object: torch.compile keeps its compiled graphs on the code object,
-        # and graphs with frozen weights must never serve another decoder or other weights.
+        # and graphs with frozen weights must never serve another decoder or other weights. One
+        # per decoder (and one for its column-major copy): a code object that sees the parameters
+        # of several modules stops treating them as constants, and freezing no longer applies.
         function = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-        self.function = torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
-        self.column_major: Decoder | None = None
+        return torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
 
     def __reduce__(self) -> tuple:
         return type(None), ()
@@ -188,30 +195,35 @@ def _compiled_step(decoder: Decoder) -> Callable[..., torch.Tensor]:
     It compiles on first use, and again (seconds to a minute on CPU, as the first time) when a call
     brings a new batch size, a new static cache length (prompt width + max_new_tokens rounded up to a
     multiple of CACHE_BUCKET), dtype or device; past torch._dynamo's cache_size_limit (8 by
-    default) of such variants, torch runs the step eagerly. Freezing makes the weights constants of
-    the graph: on CPU, copies packed for MKL for batches of several rows, and column-major copies
-    (`_column_major`) for one row, each the decoder's linear weight memory once more. So the whole
-    thing is built anew, with a fresh code object and thus its own compile cache, when any
+    default) of such variants, torch runs the step eagerly. For several rows, freezing makes the
+    weights constants of the graph (on CPU, copies packed for MKL); for one row on CPU the step
+    runs on column-major copies of the weights (`_column_major`) instead; either copy takes the
+    decoder's linear weight memory once more. So the whole thing is built anew, with a fresh code object and thus its own compile cache, when any
     parameter was replaced or changed in place since (its storage or version counter differs): a
     model trained or reloaded between calls never decodes with old weights.
     """
     key = (COMPILE_BACKEND, tuple((p.data_ptr(), p._version) for p in decoder.parameters()))
     entry = decoder.__dict__.get("_compiled_decode_step")
     if entry is None or entry.key != key:
-        entry = _CompiledStep(decoder, key)
+        entry = _CompiledStep(key)
         # In __dict__, not as a submodule: state_dict, parameters() and repr do not see it.
         decoder.__dict__["_compiled_decode_step"] = entry
 
     def step(tokens: torch.Tensor, *args: Any) -> torch.Tensor:
-        target, prepack = decoder, True
+        target, function, options = decoder, entry.function, {"freezing": True}
         if tokens.shape[0] == 1 and tokens.device.type == "cpu":
             if entry.column_major is None:
-                entry.column_major = _column_major(decoder)
-            target, prepack = entry.column_major, False
-        # Freezing is read when a graph compiles, which can be any call (a new shape); patched per
-        # call rather than set globally, so other compiled code in the process is not affected.
-        with torch._inductor.config.patch({"freezing": True, "cpp.weight_prepack": prepack}):
-            return entry.function(target, tokens, *args)
+                entry.column_major = (_column_major(decoder), entry.compile())
+            # Column-major weights as they are, not packed for MKL: no freezing (it would pack
+            # them; its packing passes cannot be switched off per graph once set up in a
+            # process), the weights stay inputs of the graph. And the graph's wrapper code in
+            # C++, not Python: a one-row step launches over a hundred small kernels, and Python's
+            # per-launch cost was ~8% of the step (it doubles the compile time).
+            (target, function), options = entry.column_major, {"freezing": False, "cpp_wrapper": True}
+        # Read when a graph compiles, which can be any call (a new shape); patched per call rather
+        # than set globally, so other compiled code in the process is not affected.
+        with torch._inductor.config.patch(options):
+            return function(target, tokens, *args)
 
     return step
 

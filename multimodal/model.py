@@ -205,7 +205,7 @@ class VisionLanguageModel(nn.Module):
         config: generation.GenerationConfig | None = None, **options: Any,
     ) -> list[list[int]]:
         """New token ids per prompt; see `multimodal.generation.generate`. `options` override
-        fields of `config` (max_new_tokens, temperature, top_p, seed, stop_ids)."""
+        fields of `config` (max_new_tokens, temperature, top_p, seed, stop_ids, compile: the compiled decoding step)."""
         return generation.generate(self, prompts, pixels, generation.generation_config(config, **options))
 
     def caption(
