@@ -110,7 +110,7 @@ def causal_attention(
     backend = resolve_backend(backend, q.device)
     if backend == "xformers":
         return _xformers_attention(q, k, v, layout)
-    if layout.is_packed and q.device.type == "cpu":
+    if layout.is_packed and q.device.type == "cpu" and q.shape[1] >= PER_SEGMENT_MIN_TOKENS:
         return _attention_per_segment(q, k, v, layout)
     batch, tokens = q.shape[:2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -123,6 +123,12 @@ def causal_attention(
         mask = (seg[:, :, None] == seg[:, None, :]) & causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+# Below this row length one masked call beats a call per sample on CPU: measured on the demo's
+# 256-token rows of ~40-token samples, the masked call made a training step 8% faster, while on the
+# train_step benchmark's 1,024-token rows the per-sample calls win (the mask's work grows as T²).
+PER_SEGMENT_MIN_TOKENS = 512
 
 
 def _attention_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
