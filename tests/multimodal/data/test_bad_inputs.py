@@ -170,37 +170,31 @@ def build_shards(directory) -> tuple[list[str], dict[str, Good], Counter]:
         for files in samples:
             writer.write(files)
 
+    def cut_shard(path, prefix: str, colour_base: int, count: int, cut_at: str, inside: bool, arrive: int) -> None:
+        """`count` solid-colour captions; the tar cut at member `cut_at`: halfway into its data
+        (inside) or right before its header. The first `arrive` samples are expected to arrive."""
+        with TarWriter(str(path)) as writer:
+            for number in range(count):
+                key, rgb = f"{prefix}{number:03d}", colour(colour_base + number)
+                writer.write(caption(key, encode(solid(rgb, (64, 64)), "PNG"), "png"))
+                if number < arrive:
+                    good[key] = Good([solid(rgb, (64, 64))])
+        whole = path.read_bytes()
+        with tarfile.open(path) as tar:
+            member = next(m for m in tar.getmembers() if m.name == cut_at)
+        path.write_bytes(whole[: member.offset_data + member.size // 2] if inside else whole[: member.offset])
+        bad["shard_error"] += 1
+
     # The second shard breaks off inside its fourth sample's image. The shard is counted once
     # (shard_error); the cut sample is dropped, and so is the one before it: read_shard completes
     # a sample only when the next key's file has been read whole, so it cannot tell that t002 had
     # all its files. Two arrive.
     second = directory / "bad-001.tar"
-    with TarWriter(str(second)) as writer:
-        for number in range(6):
-            key, rgb = f"t{number:03d}", colour(600 + number)
-            writer.write(caption(key, encode(solid(rgb, (64, 64)), "PNG"), "png"))
-            if number < 2:
-                good[key] = Good([solid(rgb, (64, 64))])
-    whole = second.read_bytes()
-    with tarfile.open(second) as tar:
-        member = next(m for m in tar.getmembers() if m.name == "t003.png")
-    second.write_bytes(whole[: member.offset_data + member.size // 2])
-    bad["shard_error"] += 1
-
+    cut_shard(second, "t", 600, 6, "t003.png", inside=True, arrive=2)
     # The third breaks off exactly between two members, where Python's tarfile sees a normal end:
     # the missing end-of-archive marker gives it away. The samples before the cut all arrive.
     third = directory / "bad-002.tar"
-    with TarWriter(str(third)) as writer:
-        for number in range(4):
-            key, rgb = f"u{number:03d}", colour(700 + number)
-            writer.write(caption(key, encode(solid(rgb, (64, 64)), "PNG"), "png"))
-            if number < 2:
-                good[key] = Good([solid(rgb, (64, 64))])
-    whole = third.read_bytes()
-    with tarfile.open(third) as tar:
-        member = next(m for m in tar.getmembers() if m.name == "u002.png")
-    third.write_bytes(whole[: member.offset])
-    bad["shard_error"] += 1
+    cut_shard(third, "u", 700, 4, "u002.png", inside=False, arrive=2)
     return [first, str(second), str(third)], good, bad
 
 
