@@ -50,7 +50,7 @@ from lm.loss import IGNORE_INDEX  # noqa: E402
 from lm.tokenizer import train_tokenizer  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.batch import Batch  # noqa: E402
-from multimodal.data.packing import group_rows, make_batch, pack_samples, padding_waste  # noqa: E402
+from multimodal.data.packing import group_rows, make_batch, pack_samples  # noqa: E402
 from multimodal.data.samples import TokenizedSample  # noqa: E402
 from multimodal.export import export_hf_llava  # noqa: E402
 
