@@ -58,7 +58,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -430,8 +429,10 @@ def load_hf(s: Settings, work: Workload):
 
         if work.hf_dir is None:
             export_to_hf(s, work)
+        # `dtype` replaced `torch_dtype` in transformers 4.56; older versions pass unknown names on.
+        dtype_key = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
         model = transformers.LlavaForConditionalGeneration.from_pretrained(
-            work.hf_dir, dtype=s.dtype, attn_implementation="sdpa")
+            work.hf_dir, attn_implementation="sdpa", **{dtype_key: s.dtype})
         model = model.to(device=s.device, dtype=s.dtype)
         model.generation_config.eos_token_id = None  # decode exactly as many tokens as ours
         model.generation_config.pad_token_id = work.model.tokenizer.pad_id
@@ -547,8 +548,9 @@ def hf_batches(s: Settings, work: Workload, per_batch: int) -> list[dict[str, to
         labels = torch.tensor([x.labels + [IGNORE_INDEX] * (width - len(x)) for x in chunk])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk])
         pixels = torch.stack([image for x in chunk for image in x.images])
+        # use_cache=False: a training step has no use for the KV cache HF would otherwise build.
         out.append({"input_ids": ids.to(s.device), "attention_mask": mask.to(s.device), "labels": labels.to(s.device),
-                    "pixel_values": pixels.to(s.device, s.dtype)})
+                    "pixel_values": pixels.to(s.device, s.dtype), "use_cache": False})
     return out
 
 
@@ -744,6 +746,9 @@ def run_section(s: Settings, name: str, need_s: float, fn: Callable[[], dict[str
         record = {"section": name, **fn()}
     except Skip as why:
         record = {"section": name, "skipped": str(why)}
+    except KeyboardInterrupt:  # gpu.sh's timeout sends SIGINT: skip the rest, still print the summary
+        s.budget_s = 0
+        record = {"section": name, "error": "interrupted by gpu.sh's timeout"}
     except Exception as error:  # noqa: BLE001 - fail soft: report and go on
         record = {"section": name, "error": f"{type(error).__name__}: {error}"[:1000],
                   "where": traceback.format_exc(limit=-3).strip().splitlines()[-3:]}
@@ -830,7 +835,7 @@ def run_all(s: Settings) -> dict[str, Any]:
                                            needs_work(lambda: train_ours(s, work, peak, False)))
         extra["hf_nockpt"] = run_section(s, "train_hf_nockpt", 45, needs_work(lambda: train_hf(s, work, peak, False)))
     if s.compile:
-        extra["ours_compiled"] = run_section(s, "train_ours_compiled", 90,
+        extra["ours_compiled"] = run_section(s, "train_ours_compiled", 150,
                                              needs_work(lambda: train_ours(s, work, peak, first, compiled=True)))
     if work is not None and work.hf_dir is not None:
         shutil.rmtree(work.hf_dir.parent, ignore_errors=True)

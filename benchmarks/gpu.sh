@@ -15,14 +15,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   note '{"section": "install", "error": "no .whl/*.whl: run ../shared/tools/device-wheels.sh first (open_clip and xformers sections will fail)"}'
 fi
+export HF_HUB_OFFLINE=1  # nothing here may reach the network
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--budget-s 420 --compile)
 if [ -n "${OUT:-}" ]; then
-  timeout 480 python3 benchmarks/gpu.py "${args[@]}" 2> "$OUT/gpu.stderr.log" | tee -a "$OUT/gpu.jsonl"
+  timeout -s INT -k 30 480 python3 benchmarks/gpu.py "${args[@]}" 2> "$OUT/gpu.stderr.log" | tee -a "$OUT/gpu.jsonl"
 else
-  timeout 480 python3 benchmarks/gpu.py "${args[@]}"
+  timeout -s INT -k 30 480 python3 benchmarks/gpu.py "${args[@]}"
 fi
 status=${PIPESTATUS[0]}
 [ "$status" -eq 124 ] && note '{"section": "timeout", "error": "gpu.py passed 480 s and was stopped"}'
-exit "$status"
+# 124 would read as the device tool's own timeout: report ours as 3.
+exit $(( status == 124 ? 3 : status ))

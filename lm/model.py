@@ -278,10 +278,13 @@ class Decoder(nn.Module):
             raise ValueError(f"position_ids must be [{batch}, {tokens}], got {tuple(position_ids.shape)}")
         rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
+            # The layer index only picks the cache's slot; without a cache every block gets the same
+            # arguments, so a compiled block (lm.compile_blocks) is not recompiled for layer 0.
+            layer = i if cache is not None else 0
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, layout, cache, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, layout, cache, layer, use_reentrant=False)
             else:
-                x = block(x, rope, layout, cache, i)
+                x = block(x, rope, layout, cache, layer)
         if cache is not None:
             cache.length += tokens
         return self.model.norm(x)

@@ -368,7 +368,11 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
     Hugging Face LLaVA directory at `out_dir` (new or empty). Returns the directory.
 
     Raises ValueError, before writing anything, for what the LLaVA layout cannot hold."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, GenerationConfig, LlavaProcessor
+    from transformers import AutoTokenizer, GenerationConfig, LlavaProcessor
+    try:
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers before the 5.x image-processor rework
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
     if isinstance(model_or_checkpoint_dir, VisionLanguageModel):
         model = model_or_checkpoint_dir
