@@ -99,6 +99,10 @@ def _xformers_ops():
     return _XFORMERS[0]
 
 
+# Opaque to torch.compile (a no-op in eager mode): a packed SeqLayout carries its sample lengths as
+# Python numbers, so a graph traced through attention would be recompiled for every new packing;
+# compiled decoder blocks (lm.compile_blocks) run around it instead.
+@torch.compiler.disable(recursive=True)
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -7,7 +7,8 @@ take their weights as inputs, so the compiler builds one graph for all of them, 
 
 The attention call itself stays outside the compiled graphs: a packed `SeqLayout` carries each
 row's sample lengths as Python numbers, and a graph traced through them would be specialized to one
-packing and recompiled for every new batch. So each block compiles into two graphs (norm, q/k/v,
+packing and recompiled for every new batch (`lm.attention.causal_attention` is marked
+opaque to the compiler). So each block compiles into two graphs (norm, q/k/v,
 rotary before attention; output projection, residual, norm and SwiGLU after it) around eager
 attention (xformers' block-diagonal kernel or SDPA), which is also where the compiler has nothing
 to gain.
@@ -17,19 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
-import lm.model as model_module
 from lm.model import Decoder
 
 __all__ = ["compile_blocks"]
-
-
-def _attention_outside_graphs() -> None:
-    """Make the decoder's attention call opaque to the compiler (a no-op in eager mode)."""
-    attention = model_module.causal_attention
-    if not getattr(attention, "_torchdynamo_disable", False):
-        model_module.causal_attention = torch.compiler.disable(attention, recursive=True)
 
 
 def compile_blocks(decoder: Decoder, **options: Any) -> Decoder:
@@ -43,7 +35,6 @@ def compile_blocks(decoder: Decoder, **options: Any) -> Decoder:
     """
     if not isinstance(decoder, Decoder):
         raise TypeError(f"compile_blocks expects an lm.Decoder, got {type(decoder).__name__}")
-    _attention_outside_graphs()
     for block in decoder.model.layers:
         block.compile(**options)
     return decoder

@@ -26,7 +26,7 @@ from lm import Decoder, LMConfig, compile_blocks, load_decoder, load_tokenizer
 from lm.config import PRESETS
 from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_dataset, build_loader
-from multimodal.data.resume import DataPosition
+from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.model import VisionLanguageModel
 
 MODULES = ("encoder", "projector", "decoder")
@@ -262,10 +262,12 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.train_config, self.val_config, self.num_workers = train, val, num_workers
 
-    def _loader(self, config: DataConfig):
+    def _loader(self, config: DataConfig, epoch: int = 0, plan: ResumePlan | None = None):
         model: VisionLanguageModel = self.trainer.lightning_module.model
         transform = encoder_transform(model.encoder)  # config.pad_to_square is applied by build_dataset
         dataset = build_dataset(config, model.tokenizer, transform, model.image_token_id, model.num_image_tokens)
+        dataset.set_epoch(epoch)
+        dataset.resume_from(plan)  # build_loader checks the plan against the ranks and workers
         return build_loader(dataset, self.num_workers, world_size=self.trainer.world_size)
 
     def train_dataloader(self):
@@ -276,17 +278,14 @@ class ShardDataModule(L.LightningDataModule):
             rank_zero_warn(f"{self.trainer.world_size} ranks and no data.train.batches_per_epoch: ranks may yield "
                            "different numbers of batches, which can hang DDP at epoch end; set resampled: true "
                            "and batches_per_epoch (or end the run with max_steps before any rank runs out)")
-        loader = self._loader(config)
         # Lightning makes the loader (and starts its workers) before on_train_epoch_start, also when
         # it resumes inside an epoch: the epoch and the data position are set here.
-        dataset = loader.dataset
-        dataset.set_epoch(self.trainer.current_epoch)
+        epoch = self.trainer.current_epoch
         position = getattr(self.trainer.lightning_module, "data_position", None)
         plan = position.plan() if position is not None else None
-        if config.resume and plan is not None and plan.epoch == self.trainer.current_epoch:
-            plan.check(self.trainer.world_size, self.num_workers)
-            dataset.resume_from(plan)
-        return loader
+        if not (config.resume and plan is not None and plan.epoch == epoch):
+            plan = None
+        return self._loader(config, epoch, plan)
 
     def val_dataloader(self):
         return [] if self.val_config is None else self._loader(self.val_config)
