@@ -420,12 +420,9 @@ class SourceReader:
             self.taken = 0
             yield from self._read(skips)
 
-    def url(self) -> str:
-        return self.source.urls[self.shard if self.order is None else self.order[self.shard]]
-
     def _read(self, skips: SkipCounter, skip_first: int = 0) -> Iterator[dict[str, Any]]:
-        url = self.url()
         url_index = self.shard if self.order is None else self.order[self.shard]
+        url = self.source.urls[url_index]
         before = skips.skipped + skips.accepted
         got = False
         for sample in read_shard(url, skips, skip_first):
