@@ -6,7 +6,6 @@ Read in this order:
 - decode.py    bytes -> text, JSON, RGB images; the skip reasons.
 - samples.py   one raw sample (caption, conversation, text) -> token ids, labels, image tensors.
 - packing.py   first-fit packing into rows of max_tokens; rows -> Batch; padding waste.
-- synthetic.py the demo's generated data set (written as shards, read back through the above).
 
     dataset = build_dataset(DataConfig("data/train-{000..009}.tar", max_tokens=2048),
                             tokenizer, encoder_transform(model.encoder), model.image_token_id,

@@ -83,7 +83,7 @@ JPEG_FORMATS = ("JPEG", "MPO")
 
 # Limits checked on the header, before any pixel is decoded. Defaults for SampleSettings.
 MAX_IMAGE_PIXELS = 8192 * 8192  # 64 Mpx: above every camera photo; an RGB copy is 200 MB
-MIN_IMAGE_SIDE = 8              # as synthetic.render: below 8 px nothing in the image is recognisable
+MIN_IMAGE_SIDE = 8              # as demo.synthetic.render: below 8 px nothing in the image is recognisable
 MAX_ASPECT_RATIO = 20.0         # beyond it, "shortest" (CLIP) crops away 95 % of the image, "squash"
                                 # (SigLIP) stretches it 20x: either way the caption no longer fits
 

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from multimodal.data import synthetic as S
+from multimodal.demo import synthetic as S
 
 
 @pytest.fixture(scope="module")

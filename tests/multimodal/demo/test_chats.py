@@ -6,9 +6,9 @@ import json
 
 import webdataset as wds
 
-from multimodal import demo
 from multimodal.conversation import IMAGE_MARKER
-from multimodal.data import synthetic
+from multimodal.demo import chats as demo
+from multimodal.demo import synthetic
 from multimodal.prompts import CAPTION_PROMPTS
 
 CAPTIONS = {
