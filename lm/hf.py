@@ -94,7 +94,11 @@ def config_to_hf(config: LMConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory: `model.safetensors`, or the shards
+    `model.safetensors.index.json` lists. FileNotFoundError when neither is there (pickled
+    weights are refused, not read) or a listed shard is missing."""
+    directory = Path(directory)
     index = directory / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -131,7 +135,7 @@ def load_decoder(
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
     config = dataclasses.replace(config_from_hf(json.loads(config_path.read_text())), **config_overrides)
-    tensors = _read_tensors(directory)
+    tensors = read_safetensors(directory)
     # Older exports carry the rotary frequencies as a buffer; they are derived from the config here.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
