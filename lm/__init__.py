@@ -3,9 +3,10 @@
 from lm.attention import SeqLayout
 from lm.compile import compile_blocks
 from lm.config import LMConfig
+from lm.decode import KVCache
 from lm.hf import load_decoder, save_decoder
 from lm.loss import IGNORE_INDEX, chunked_cross_entropy
-from lm.model import Decoder, KVCache
+from lm.model import Decoder
 from lm.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS, Tokenizer, format_chatml, load_tokenizer, train_tokenizer
 
 __all__ = [

@@ -2,13 +2,14 @@
 
 Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU,
 no biases, untied output head. Parameter names are those of Hugging Face `LlamaForCausalLM`, so a
-Hugging Face checkpoint loads with no renaming.
+Hugging Face checkpoint loads with no renaming. The KV caches that incremental decoding passes
+in (`DecoderCache`: what the decoder needs of one) and the compiled decoding step are in lm/decode.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,98 +55,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-@dataclass
-class KVCache:
-    """Keys and values of earlier tokens, per layer, preallocated to `max_tokens`.
-
-    `valid[b, j]` says whether slot j of row b holds a real token; callers that left-pad prompts
-    of different lengths set the padding slots to False before the first forward pass.
-    """
+class DecoderCache(Protocol):
+    """What the decoder needs of a KV cache: `lm.decode.KVCache`. `hidden_states` checks room and
+    dtype against `keys`, `length` and `max_tokens`, and advances `length`; the attention layers
+    only call `update`, which `lm.decode.StaticKVStep` (one compiled decoding step) also has."""
 
     keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    valid: torch.Tensor
-    length: int = 0
-    # (length, new_tokens, mask) of the step in progress: every layer of a step needs the same mask.
-    _step_mask: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    @classmethod
-    def allocate(
-        cls, config: LMConfig, batch: int, max_tokens: int,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-    ) -> "KVCache":
-        shape = (batch, max_tokens, config.n_kv_heads, config.head_dim)
-        return cls(
-            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
-            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
-            valid=torch.ones(batch, max_tokens, dtype=torch.bool, device=device),
-        )
+    length: int
 
     @property
-    def max_tokens(self) -> int:
-        return self.valid.shape[1]
-
-    def attention_mask(self, new_tokens: int) -> torch.Tensor:
-        """[B, new_tokens, length + new_tokens]: causal over the cache, padding slots hidden.
-        A query always sees itself, so padding queries never produce NaN."""
-        end = self.length + new_tokens
-        keys = torch.arange(end, device=self.valid.device)
-        queries = torch.arange(self.length, end, device=self.valid.device)
-        causal = keys[None, :] <= queries[:, None]
-        itself = keys[None, :] == queries[:, None]
-        return (self.valid[:, None, :end] & causal) | itself
-
-    def step_mask(self, new_tokens: int) -> torch.Tensor | None:
-        """`attention_mask(new_tokens)` for the step in progress, built once for all layers; None when
-        it hides nothing (one new token, no padding slot), so attention can run without a mask."""
-        if self._step_mask is None or self._step_mask[:2] != (self.length, new_tokens):
-            end = self.length + new_tokens
-            if new_tokens == 1 and bool(self.valid[:, :end].all()):
-                mask = None
-            else:
-                mask = self.attention_mask(new_tokens)
-            self._step_mask = (self.length, new_tokens, mask)
-        return self._step_mask[2]
+    def max_tokens(self) -> int: ...
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store the new tokens' keys and values [B, T, Hkv, D] of `layer` after the `length` cached
-        ones; return the keys and values to attend over and the step's mask (see `step_mask`)."""
-        start, end = self.length, self.length + k.shape[1]
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end], self.step_mask(k.shape[1])
-
-
-@dataclass
-class StaticKVStep:
-    """One decoding step (one new token per row) over a `KVCache`'s tensors at fixed shapes, for a
-    compiled step function: the graph must not change from one step to the next, so the slot the
-    new keys and values go to is a tensor (`slot`, shape [1]) rather than `KVCache.length`, and
-    attention covers all `max_tokens` slots, those not yet written hidden by `mask` [B, 1, max_tokens]
-    (`KVCache.valid` and slot index <= `slot`). Passed to the blocks in place of a KVCache; it
-    does not advance anything: the caller steps `slot`.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    slot: torch.Tensor
-    mask: torch.Tensor
-
-    @classmethod
-    def of_tensors(
-        cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, slot: torch.Tensor
-    ) -> "StaticKVStep":
-        """The step writing slot `slot` of a KVCache's `keys`, `values` and `valid`."""
-        slots = torch.arange(valid.shape[1], device=valid.device)
-        return cls(keys, values, slot, (valid & (slots <= slot))[:, None, :])
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # In-place index copies, which the compiler keeps in place (no copy of the cache per step).
-        self.keys[layer].index_copy_(1, self.slot, k)
-        self.values[layer].index_copy_(1, self.slot, v)
-        return self.keys[layer], self.values[layer], self.mask
+        """Store `layer`'s new keys and values [B, T, Hkv, D]; return the keys and values to attend
+        over and which of them each new query may see ([B, T, slots] bool, or None for all)."""
+        ...
 
 
 class Attention(nn.Module):
@@ -160,7 +86,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout,
-        cache: KVCache | None, layer: int,
+        cache: DecoderCache | None, layer: int,
     ) -> torch.Tensor:
         batch, tokens, _ = x.shape
         c = self.config
@@ -248,7 +174,7 @@ class Decoder(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         layout: SeqLayout | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """Final (normalized) hidden states [B, T, d_model]; the output head is not applied."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -295,7 +221,7 @@ class Decoder(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         layout: SeqLayout | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab]. For training on a large vocabulary, prefer `hidden_states` and
         apply `lm_head` only where labels are."""

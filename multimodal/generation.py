@@ -11,31 +11,43 @@ decoding ends when every row has stopped or `max_new_tokens` are out.
 
 `GenerationConfig(compile=True)` (or `model.generate(..., compile=True)`) runs the decoding steps
 after the first as one `torch.compile`d graph, gpt-fast style: the prefill stays eager; each later
-step (one new token per row -> next-token logits) runs at fixed shapes over a static cache
-(`lm.model.StaticKVStep`), inductor fuses the element-wise work, and freezing folds the weights in
-as constants (on CPU, packed for MKL). See `_compiled_step` for when it compiles.
+step (one new token per row -> next-token logits) runs at fixed shapes over a static cache, inductor
+fuses the element-wise work, and freezing folds the weights in as constants (on CPU, packed for
+MKL). That step is the decoder's own business: `lm.decode.compiled_step` (and its docstring for
+when it compiles).
+
+The model is anything of the `GenerativeModel` shape (a `VisionLanguageModel`), so this module
+does not import multimodal.model, which imports it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from lm import KVCache
-from lm.attention import SeqLayout
-from lm.model import Decoder, StaticKVStep, rotary_cos_sin
+from lm import Decoder
+from lm.decode import KVCache, compiled_step, static_cache_size
 from lm.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from multimodal.model import VisionLanguageModel
+__all__ = ["GenerationConfig", "GenerativeModel", "IncrementalDecoder", "generate", "generation_config", "stream"]
 
-__all__ = ["GenerationConfig", "IncrementalDecoder", "generate", "generation_config", "stream"]
+
+class GenerativeModel(Protocol):
+    """What generation needs of a model (`multimodal.VisionLanguageModel` is one): its decoder and
+    tokenizer, `embed` (token embeddings with the images' tokens spliced in at their placeholders),
+    its encoder (the pixels are cast to its dtype) and `modules()` (put in eval mode per step)."""
+
+    decoder: Decoder
+    tokenizer: Tokenizer
+    encoder: torch.nn.Module
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor: ...
+
+    def modules(self) -> Iterator[torch.nn.Module]: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class GenerationConfig:
     `<|im_end|>` and EOS; an empty tuple never stops early.
 
     compile=True decodes with a compiled step function (see the module docstring and
-    `_compiled_step`): the same tokens as eager up to float rounding (identical greedy tokens in the
+    `lm.decode.compiled_step`): the same tokens as eager up to float rounding (identical greedy tokens in the
     tests and benchmarks/decode.py), faster per token, but the first call for a model and shape
     compiles for seconds to a minute. Meant for inference with fixed weights.
     """
@@ -122,113 +134,7 @@ def _select(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return order.gather(-1, choice)[:, 0]
 
 
-# Static caches are this many slots long or a multiple of it, so that prompts of somewhat different
-# lengths share one compiled step (the step attends over every slot, the unused ones masked).
-CACHE_BUCKET = 64
-# torch.compile backend of the compiled step; tests may use "aot_eager" (same graph capture and
-# static cache, no inductor code generation, so no freezing either) to compile in seconds.
-COMPILE_BACKEND = "inductor"
-
-
-def _static_step(
-    decoder: Decoder, tokens: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
-    valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-) -> torch.Tensor:
-    """One decoding step at fixed shapes: next-token logits [B, V] (fp32) for `tokens` [B, 1] at
-    `position_ids` [B, 1], their keys and values written to cache slot `slot` ([1]); the blocks of
-    `Decoder.hidden_states` with a `StaticKVStep` in place of the KVCache, no checks (they were done
-    by the prefill over the same cache), and the output head."""
-    config = decoder.config
-    x = decoder.embed(tokens)
-    rope = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
-    step = StaticKVStep.of_tensors(keys, values, valid, slot)
-    layout = SeqLayout()
-    for i, block in enumerate(decoder.model.layers):
-        x = block(x, rope, layout, step, i)
-    return decoder.lm_head(decoder.model.norm(x)[:, -1]).float()
-
-
-class _CompiledStep:
-    """A compiled step and the weights it was built for, kept on the decoder; copies and pickles of
-    the decoder get None instead (the compiled code neither copies nor pickles), and compile anew."""
-
-    def __init__(self, key: tuple) -> None:
-        self.key = key
-        self.function = self.compile()
-        # For one-row steps on CPU, built on first use: the column-major copy and its own step.
-        self.column_major: tuple[Decoder, Callable[..., torch.Tensor]] | None = None
-
-    @staticmethod
-    def compile() -> Callable[..., torch.Tensor]:
-        # A copy of the code object: torch.compile keeps its compiled graphs on the code object,
-        # and graphs with frozen weights must never serve another decoder or other weights. One
-        # per decoder (and one for its column-major copy): a code object that sees the parameters
-        # of several modules stops treating them as constants, and freezing no longer applies.
-        function = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-        return torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
-
-    def __reduce__(self) -> tuple:
-        return type(None), ()
-
-    def __deepcopy__(self, memo: dict) -> None:
-        return None
-
-
-def _column_major(decoder: Decoder) -> Decoder:
-    """A copy of `decoder` with the same parameters except the nn.Linear weights, copied in
-    column-major order (the same values; `weight.t()` contiguous). On CPU a one-row product runs
-    about 1.2x faster over a column-major matrix (x @ W.t() reads W.t() contiguously) than over the
-    row-major one or MKL's packed copy, and at batch 1 the products are most of a step."""
-    shared = {id(tensor): tensor for tensor in [*decoder.parameters(), *decoder.buffers()]}
-    copied = copy.deepcopy(decoder, shared)
-    with torch.inference_mode(False), torch.no_grad():
-        for module in copied.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-    return copied
-
-
-def _compiled_step(decoder: Decoder) -> Callable[..., torch.Tensor]:
-    """`_static_step` for `decoder`, compiled with `torch.compile` (inductor, dynamic=False,
-    freezing on) and kept on the decoder, so later generate calls reuse it.
-
-    It compiles on first use, and again (seconds to a minute on CPU, as the first time) when a call
-    brings a new batch size, a new static cache length (prompt width + max_new_tokens rounded up to a
-    multiple of CACHE_BUCKET), dtype or device; past torch._dynamo's cache_size_limit (8 by
-    default) of such variants, torch runs the step eagerly. For several rows, freezing makes the
-    weights constants of the graph (on CPU, copies packed for MKL); for one row on CPU the step
-    runs on column-major copies of the weights (`_column_major`) instead; either copy takes the
-    decoder's linear weight memory once more. So the whole thing is built anew, with a fresh code object and thus its own compile cache, when any
-    parameter was replaced or changed in place since (its storage or version counter differs): a
-    model trained or reloaded between calls never decodes with old weights.
-    """
-    key = (COMPILE_BACKEND, tuple((p.data_ptr(), p._version) for p in decoder.parameters()))
-    entry = decoder.__dict__.get("_compiled_decode_step")
-    if entry is None or entry.key != key:
-        entry = _CompiledStep(key)
-        # In __dict__, not as a submodule: state_dict, parameters() and repr do not see it.
-        decoder.__dict__["_compiled_decode_step"] = entry
-
-    def step(tokens: torch.Tensor, *args: Any) -> torch.Tensor:
-        target, function, options = decoder, entry.function, {"freezing": True}
-        if tokens.shape[0] == 1 and tokens.device.type == "cpu":
-            if entry.column_major is None:
-                entry.column_major = (_column_major(decoder), entry.compile())
-            # Column-major weights as they are, not packed for MKL: no freezing (it would pack
-            # them; its packing passes cannot be switched off per graph once set up in a
-            # process), the weights stay inputs of the graph. And the graph's wrapper code in
-            # C++, not Python: a one-row step launches over a hundred small kernels, and Python's
-            # per-launch cost was ~8% of the step (it doubles the compile time).
-            (target, function), options = entry.column_major, {"freezing": False, "cpp_wrapper": True}
-        # Read when a graph compiles, which can be any call (a new shape); patched per call rather
-        # than set globally, so other compiled code in the process is not affected.
-        with torch._inductor.config.patch(options):
-            return function(target, tokens, *args)
-
-    return step
-
-
-def _check_prompts(model: VisionLanguageModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from: pass at least one list of token ids")
     limit = model.decoder.config.max_seq_len
@@ -244,7 +150,7 @@ def _check_prompts(model: VisionLanguageModel, prompts: Sequence[Sequence[int]],
 
 
 def _decode_steps(
-    model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
+    model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
     config: GenerationConfig,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token, or None for a row that has stopped (the stop token
@@ -269,7 +175,7 @@ def _decode_steps(
         position_ids = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]
         slots = width + config.max_new_tokens
         if config.compile:
-            slots = -(-slots // CACHE_BUCKET) * CACHE_BUCKET
+            slots = static_cache_size(slots)
         cache = KVCache.allocate(decoder.config, batch, slots, device=device, dtype=dtype)
         cache.valid[:, :width] = position_ids >= 0
         position_ids = position_ids.clamp(min=0)
@@ -285,7 +191,7 @@ def _decode_steps(
     # Positions of the token each row decodes next; stepped in place rather than rebuilt per step.
     position_ids = lengths[:, None].clone()
     if config.compile:
-        compiled = _compiled_step(decoder)
+        compiled = compiled_step(decoder)
         # The cache slot of the next token: the same for every row (left padding), a tensor so the
         # compiled graph does not change from step to step.
         slot = torch.tensor([width], device=device)
@@ -311,7 +217,7 @@ def _decode_steps(
 
 
 def generate(
-    model: VisionLanguageModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
+    model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (stop token excluded), decoding all prompts in one batch.
@@ -372,7 +278,7 @@ class IncrementalDecoder:
 
 
 def stream(
-    model: VisionLanguageModel, prompt: Sequence[int], pixels: torch.Tensor | None = None,
+    model: GenerativeModel, prompt: Sequence[int], pixels: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
 ) -> Iterator[str]:
     """Text pieces of one prompt's answer as its tokens arrive; joined, they equal

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from multimodal import generation
+from lm import decode
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
 TINY = ["--image-size", "32", "--patch-size", "8", "--vision-layers", "2", "--vision-width", "64",
@@ -16,7 +16,7 @@ TINY = ["--image-size", "32", "--patch-size", "8", "--vision-layers", "2", "--vi
 
 @pytest.mark.parametrize("compile", [True, False])
 def test_decode_benchmark_runs_and_tokens_match(monkeypatch, compile):
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
     spec = importlib.util.spec_from_file_location("decode_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal import generation
+from lm import decode
 from multimodal.conversation import tokenize_conversation
 
 RED = Image.new("RGB", (32, 32), (220, 30, 30))
@@ -35,7 +35,7 @@ def model(vlm):
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    monkeypatch.setattr(generation, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
