@@ -9,24 +9,27 @@ Everything runs on a ``tokenizers.Tokenizer``: the Hugging Face ``tokenizer.json
 a SentencePiece ``tokenizer.model`` is read with SentencePiece's own protobuf schema and converted,
 and ``train_tokenizer`` builds a small tokenizer of the same shape for tests and the offline demo,
 so one code path serves the real 256k tokenizer and the toy one.
+
+The special tokens, the ChatML format and chat templates, and the SentencePiece conversion have
+files of their own (lm/special_tokens.py, lm/chat_template.py, lm/sentencepiece_model.py); their
+public names are exported here too, so `lm.tokenizer` stays the one import for all of it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+
+from lm.chat_template import CHAT_ROLES, CHATML_TEMPLATE, format_chatml, read_chat_template, render_chat_template
+from lm.sentencepiece_model import convert_sentencepiece
+from lm.special_tokens import BYTE_TOKENS, NUM_RESERVED_TOKENS, SPECIAL_IDS, SPECIAL_TOKENS, SpecialTokenIds
 
 __all__ = [
     "BYTE_TOKENS",
@@ -44,113 +47,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
-NUM_RESERVED_TOKENS = 98
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<unk>",
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<|im_start|>",
-    "<|im_end|>",
-    *(f"<|reserved_token_{n}|>" for n in range(1, NUM_RESERVED_TOKENS + 1)),
-)
-# The spelling ByteFallback (tokenizers) and SentencePiece both use for raw bytes.
-BYTE_TOKENS: tuple[str, ...] = tuple(f"<0x{b:02X}>" for b in range(256))
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    """Salamandra's special token ids; ``first_reserved`` is ``<|reserved_token_1|>``."""
-
-    unk: int = 0
-    bos: int = 1
-    eos: int = 2
-    pad: int = 3
-    im_start: int = 4
-    im_end: int = 5
-    first_reserved: int = 6
-
-
-SPECIAL_IDS = SpecialTokenIds()
-
-CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 _IM_START, _IM_END = SPECIAL_TOKENS[SPECIAL_IDS.im_start], SPECIAL_TOKENS[SPECIAL_IDS.im_end]
-
-# Plain ChatML, with no default system prompt (the instruct models' own template inserts one with
-# the current date): training prompts must not change from one day to the next. BOS is left out
-# on purpose, the tokenizer adds it (add_bos_token), as in Salamandra.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-
-def format_chatml(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
-    """Render ``[{"role": ..., "content": str}, ...]`` as ChatML text (no BOS).
-
-    Raises ValueError for a role outside ``CHAT_ROLES``, content that is not a string, or content
-    holding ``<|im_start|>`` / ``<|im_end|>`` (it would silently open or close a turn).
-    """
-    parts = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
-        role, content = message["role"], message["content"]
-        if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(
-                f"message {index} content must be a str, got {type(content).__name__}; "
-                "put images in as placeholder text before formatting"
-            )
-        for marker in (_IM_START, _IM_END):
-            if marker in content:
-                raise ValueError(f"message {index} content contains {marker!r}, which would break the turn structure")
-        parts.append(f"{_IM_START}{role}\n{content}{_IM_END}\n")
-    if add_generation_prompt:
-        parts.append(f"{_IM_START}assistant\n")
-    return "".join(parts)
-
-
-def render_chat_template(
-    template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, **variables: Any
-) -> str:
-    """Render a Hugging Face chat template (Jinja) the way ``transformers`` does.
-
-    Same environment as ``apply_chat_template``: a sandbox with ``trim_blocks`` and ``lstrip_blocks``,
-    the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps
-    non-ASCII text. The special tokens are there as ``bos_token``, ``eos_token``, ``unk_token`` and
-    ``pad_token``; ``variables`` adds or overrides template variables (e.g. ``date_string``).
-    A template's ``raise_exception`` surfaces as ``jinja2.TemplateError``.
-    """
-    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def strftime_now(format: str) -> str:
-        return datetime.now().strftime(format)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    environment.filters["tojson"] = tojson
-    environment.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    context = {
-        "bos_token": SPECIAL_TOKENS[SPECIAL_IDS.bos],
-        "eos_token": SPECIAL_TOKENS[SPECIAL_IDS.eos],
-        "unk_token": SPECIAL_TOKENS[SPECIAL_IDS.unk],
-        "pad_token": SPECIAL_TOKENS[SPECIAL_IDS.pad],
-        **variables,
-        "messages": [dict(m) for m in messages],
-        "add_generation_prompt": add_generation_prompt,
-    }
-    return environment.from_string(template).render(**context)
 
 
 class Tokenizer:
@@ -326,22 +223,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise FileNotFoundError(
             f"no tokenizer in {directory}: looked for tokenizer.json (Hugging Face) and tokenizer.model (SentencePiece)"
         )
-    return Tokenizer(backend, chat_template=_read_chat_template(directory))
-
-
-def _read_chat_template(directory: Path) -> str | None:
-    # Newer transformers save the template as its own file, which then takes precedence.
-    jinja_path = directory / "chat_template.jinja"
-    if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8")
-    config_path = directory / "tokenizer_config.json"
-    if not config_path.is_file():
-        return None
-    template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):  # the named-templates form: [{"name": ..., "template": ...}]
-        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+    return Tokenizer(backend, chat_template=read_chat_template(directory))
 
 
 def _check_special_tokens(backend: tokenizers.Tokenizer) -> None:
@@ -445,154 +327,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     _salamandra_pipeline(backend)
     return Tokenizer(backend, chat_template=CHATML_TEMPLATE)
-
-
-# --- SentencePiece conversion -------------------------------------------------------------------
-
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
-_BPE_MODEL = 2
-
-
-@dataclass
-class _SentencePieceModel:
-    pieces: list[tuple[str, float, int]]
-    model_type: int
-    byte_fallback: bool
-    unk_id: int
-    treat_whitespace_as_suffix: bool
-    precompiled_charsmap: bytes
-    add_dummy_prefix: bool
-    remove_extra_whitespaces: bool
-    escape_whitespaces: bool
-
-
-def _parse_sentencepiece(data: bytes) -> _SentencePieceModel:
-    """The fields the conversion needs, read with SentencePiece's own protobuf schema."""
-    try:
-        from google.protobuf.message import DecodeError
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError as error:
-        raise ImportError(
-            "reading a SentencePiece tokenizer.model needs the sentencepiece and protobuf packages "
-            f"({error}); install them, or use a directory with tokenizer.json"
-        ) from error
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except DecodeError as error:
-        raise ValueError(f"not a SentencePiece model: {error}") from None
-    if not proto.pieces:
-        raise ValueError("not a SentencePiece model: no pieces")
-    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
-    if not 0 <= trainer.unk_id < len(proto.pieces):
-        raise ValueError(f"not a SentencePiece model: unk_id {trainer.unk_id} is outside its {len(proto.pieces)} pieces")
-    return _SentencePieceModel(
-        pieces=[(p.piece, p.score, p.type) for p in proto.pieces],
-        model_type=trainer.model_type,
-        byte_fallback=trainer.byte_fallback,
-        unk_id=trainer.unk_id,
-        treat_whitespace_as_suffix=trainer.treat_whitespace_as_suffix,
-        precompiled_charsmap=normalizer.precompiled_charsmap,
-        add_dummy_prefix=normalizer.add_dummy_prefix,
-        remove_extra_whitespaces=normalizer.remove_extra_whitespaces,
-        escape_whitespaces=normalizer.escape_whitespaces,
-    )
-
-
-def convert_sentencepiece(model_bytes: bytes) -> tokenizers.Tokenizer:
-    """Build a ``tokenizers.Tokenizer`` that encodes like ``SentencePieceProcessor`` on a BPE model.
-
-    Special and user-defined pieces become added tokens matched in normalized text, as
-    SentencePiece matches them. Two differences, both as Hugging Face tokenizers behave: control
-    pieces (``<s>``, ``</s>``, ``<pad>``) written in the text map to their ids, where SentencePiece
-    spells them out; and a text that opens with a special piece gets no lone ``"▁"`` before it.
-    Only BPE models are accepted (Salamandra's kind).
-    """
-    spm = _parse_sentencepiece(model_bytes)
-    if spm.model_type != _BPE_MODEL:
-        raise ValueError(
-            f"only SentencePiece BPE models are supported (Salamandra's kind), got model_type {spm.model_type}"
-        )
-    if spm.treat_whitespace_as_suffix or not spm.escape_whitespaces:
-        raise ValueError(
-            "SentencePiece models with treat_whitespace_as_suffix or without escape_whitespaces are not supported"
-        )
-
-    vocab = {piece: token_id for token_id, (piece, _, _) in enumerate(spm.pieces)}
-    # SentencePiece BPE merges the adjacent pair whose joined piece scores highest; a merge list
-    # ranked by that score makes the tokenizers BPE take the same steps.
-    normal = {piece: (score, token_id) for token_id, (piece, score, kind) in enumerate(spm.pieces) if kind == _NORMAL}
-    ranked = []
-    for piece, (score, token_id) in normal.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                ranked.append((-score, token_id, cut, left, right))
-    ranked.sort()
-    merges = [(left, right) for *_, left, right in ranked]
-
-    backend = tokenizers.Tokenizer(
-        BPE(
-            vocab=vocab,
-            merges=merges,
-            unk_token=spm.pieces[spm.unk_id][0],
-            byte_fallback=spm.byte_fallback,
-            fuse_unk=True,
-        )
-    )
-
-    # The dummy prefix is left to a Metaspace pre-tokenizer: added tokens are matched in normalized
-    # text after their own text is normalized too, so a normalizer that prefixed the text would
-    # turn "<|im_start|>" into "▁<|im_start|>". Metaspace adds no prefix to text that already starts
-    # with "▁", which the rules marked (*) take into account. split=False: SentencePiece runs BPE over
-    # the whole text (its pieces never span a word boundary anyway).
-    # Anchors are \A and \z because tokenizers' regex engine reads ^ and $ as line anchors.
-    steps = []
-    if spm.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(spm.precompiled_charsmap))
-    if spm.remove_extra_whitespaces:
-        # SentencePiece drops leading spaces and collapses runs of them before escaping, so only
-        # " " counts there (not tabs, newlines or a typed "▁"), and trims trailing ones after
-        # escaping, so a typed "▁" goes too. (*) With a dummy prefix, the one leading space left
-        # by collapsing stands for the prefix, and a typed leading "▁" is doubled to get one.
-        if spm.add_dummy_prefix:
-            steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))  # (*)
-        else:
-            steps.append(normalizers.Replace(Regex(r"\A +"), ""))
-        steps += [
-            normalizers.Replace(Regex(" {2,}"), " "),
-            normalizers.Replace(" ", "▁"),
-            normalizers.Replace(Regex(r"▁+\z"), ""),
-        ]
-    else:
-        steps.append(normalizers.Replace(" ", "▁"))
-        if spm.add_dummy_prefix:
-            steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))  # (*)
-    backend.normalizer = normalizers.Sequence(steps)
-    if spm.add_dummy_prefix:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-
-    chain = [decoders.Replace("▁", " ")]
-    if spm.byte_fallback:
-        chain.append(decoders.ByteFallback())
-    chain.append(decoders.Fuse())
-    if spm.add_dummy_prefix:
-        chain.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(chain)
-
-    salamandra = set(SPECIAL_TOKENS)
-    backend.add_special_tokens(
-        [
-            AddedToken(piece, special=True, normalized=True)
-            for piece, _, kind in spm.pieces
-            if kind in (_UNKNOWN, _CONTROL) or (kind == _USER_DEFINED and piece in salamandra)
-        ]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(piece, special=False, normalized=True)
-            for piece, _, kind in spm.pieces
-            if kind == _USER_DEFINED and piece not in salamandra
-        ]
-    )
-    return backend
