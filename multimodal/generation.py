@@ -6,8 +6,9 @@ slots from attention, and explicit position ids start each prompt at 0, so a pad
 exactly what the prompt alone would (up to float rounding). Image placeholders are spliced by
 `model.embed` in the prefill pass, as in training; later steps only embed the new text token.
 
-Each row stops on its own at a stop token (`<|im_end|>` or EOS by default), which is not returned;
-decoding ends when every row has stopped or `max_new_tokens` are out.
+Each row stops on its own at a stop token (`<|im_end|>` or EOS by default), which is not returned,
+after `max_new_tokens`, or where its prompt and answer fill the decoder's context (max_seq_len);
+each answer says which (`finish_reason`). Decoding ends when every row has stopped.
 
 `GenerationConfig(compile=True)` (or `model.generate(..., compile=True)`) runs the decoding steps
 after the first as one `torch.compile`d graph, gpt-fast style: the prefill stays eager; each later
@@ -23,7 +24,7 @@ does not import multimodal.model, which imports it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -33,7 +34,8 @@ from lm import Decoder
 from lm.decode import KVCache, compiled_step, static_cache_size
 from lm.tokenizer import Tokenizer
 
-__all__ = ["GenerationConfig", "GenerativeModel", "IncrementalDecoder", "generate", "generation_config", "stream"]
+__all__ = ["FINISH_REASONS", "GeneratedIds", "GeneratedText", "GenerationConfig", "GenerativeModel", "IncrementalDecoder",
+           "TextStream", "generate", "generation_config", "stream"]
 
 
 class GenerativeModel(Protocol):
@@ -134,28 +136,35 @@ def _select(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return order.gather(-1, choice)[:, 0]
 
 
-def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[int]:
+    """The most new tokens each prompt may get: max_new_tokens, or fewer where the prompt and its
+    answer would pass the decoder's context (max_seq_len); a prompt that fills it is refused."""
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from: pass at least one list of token ids")
     limit = model.decoder.config.max_seq_len
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty; a prompt needs at least one token (BOS)")
-        if len(prompt) + config.max_new_tokens > limit:
+        if len(prompt) >= limit:
             raise ValueError(
-                f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={config.max_new_tokens} that passes "
-                f"the decoder's max_seq_len of {limit}: keep prompts within {limit - config.max_new_tokens} tokens "
-                "or lower max_new_tokens"
+                f"prompt {index} has {len(prompt)} tokens, which fills the decoder's context of {limit} tokens "
+                "(max_seq_len) and leaves no room for an answer: shorten the prompt (less text, fewer images)"
             )
+    return [min(config.max_new_tokens, limit - len(prompt)) for prompt in prompts]
 
 
 def _decode_steps(
     model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
-    config: GenerationConfig,
+    config: GenerationConfig, finish_reasons: list[str | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token, or None for a row that has stopped (the stop token
-    itself is never yielded). Model work runs under `_inference`, which is never held over a yield."""
-    _check_prompts(model, prompts, config)
+    itself is never yielded). Model work runs under `_inference`, which is never held over a yield.
+
+    A row stops at a stop token, after max_new_tokens, or when its prompt and answer fill the
+    decoder's context; `finish_reasons`, if given (one entry per prompt, None), receives why, as
+    each row stops: "stop", "length" or "context" (see FINISH_REASONS)."""
+    budgets = _check_prompts(model, prompts, config)
+    reasons = [None] * len(prompts) if finish_reasons is None else finish_reasons
     decoder = model.decoder
     weight = decoder.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
@@ -173,7 +182,8 @@ def _decode_steps(
         # Row r's first real token sits in column width - len(r) and gets position 0; the padding
         # columns get negative numbers, clamped (they are masked out and never attended to).
         position_ids = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]
-        slots = width + config.max_new_tokens
+        # Rows decode in step; a row whose context ends first is carried along, its outputs unused.
+        slots = width + max(budgets)
         if config.compile:
             slots = static_cache_size(slots)
         cache = KVCache.allocate(decoder.config, batch, slots, device=device, dtype=dtype)
@@ -196,11 +206,17 @@ def _decode_steps(
         # compiled graph does not change from step to step.
         slot = torch.tensor([width], device=device)
 
-    for step in range(config.max_new_tokens):
+    for step in range(max(budgets)):
         # One host sync per step: stopping needs to know anyway.
-        alive = running.tolist()
-        yield [t if a else None for t, a in zip(tokens.tolist(), alive)]
-        if step + 1 == config.max_new_tokens or not any(alive):
+        new: list[int | None] = []
+        for row, (token, alive) in enumerate(zip(tokens.tolist(), running.tolist())):
+            if reasons[row] is None and not alive:
+                reasons[row] = "stop"
+            new.append(token if reasons[row] is None else None)
+            if reasons[row] is None and step + 1 == budgets[row]:
+                reasons[row] = "length" if budgets[row] == config.max_new_tokens else "context"
+        yield new
+        if all(reason is not None for reason in reasons):
             return
         with _inference(modules):
             # A stopped row keeps decoding its stop token; its outputs are ignored, and a batch is
@@ -219,21 +235,53 @@ def _decode_steps(
 def generate(
     model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
-) -> list[list[int]]:
-    """New token ids for each prompt (stop token excluded), decoding all prompts in one batch.
+) -> list[GeneratedIds]:
+    """New token ids for each prompt (stop token excluded), decoding all prompts in one batch; each
+    list also says why it ended (`finish_reason`: "stop", "length" or "context").
 
     prompts: token ids, each image already expanded to `model.num_image_tokens` placeholders (as
     `tokenize_conversation` gives them). pixels: [N, 3, H, W], the images of all prompts in prompt
-    order, or None. Raises ValueError for no prompts, an empty prompt, or a prompt that leaves no
-    room for max_new_tokens within the decoder's max_seq_len.
+    order, or None. An answer ends at the end of the decoder's context (max_seq_len) if it gets
+    there first. Raises ValueError for no prompts, an empty prompt, or a prompt that alone fills the
+    context.
     """
     config = config or GenerationConfig()
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step_tokens in _decode_steps(model, prompts, pixels, config):
+    reasons: list[str | None] = [None] * len(prompts)
+    for step_tokens in _decode_steps(model, prompts, pixels, config, reasons):
         for row, token in enumerate(step_tokens):
             if token is not None:
                 outputs[row].append(token)
-    return outputs
+    return [GeneratedIds(ids, reason) for ids, reason in zip(outputs, reasons)]
+
+
+# Why an answer ended: a stop token, max_new_tokens, or the end of the decoder's context.
+FINISH_REASONS = ("stop", "length", "context")
+
+
+class GeneratedIds(list):
+    """The new token ids of one prompt (a list of int) and why they ended: `finish_reason` is "stop"
+    (a stop token, not included), "length" (max_new_tokens were generated) or "context" (the prompt
+    and the answer filled the decoder's max_seq_len)."""
+
+    def __init__(self, ids: Iterable[int] = (), finish_reason: str = "stop") -> None:
+        super().__init__(ids)
+        self.finish_reason = finish_reason
+
+
+class GeneratedText(str):
+    """A generated answer (a str) with its `finish_reason` (as in `GeneratedIds`) and, for a chat,
+    `dropped_messages`: how many of its oldest messages, counted from the first one after the
+    leading system messages, were left out to fit the decoder's context (0: none)."""
+
+    finish_reason: str
+    dropped_messages: int
+
+    def __new__(cls, text: str, finish_reason: str = "stop", dropped_messages: int = 0) -> GeneratedText:
+        self = super().__new__(cls, text)
+        self.finish_reason = finish_reason
+        self.dropped_messages = dropped_messages
+        return self
 
 
 class IncrementalDecoder:
@@ -280,17 +328,43 @@ class IncrementalDecoder:
 def stream(
     model: GenerativeModel, prompt: Sequence[int], pixels: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
-) -> Iterator[str]:
+) -> TextStream:
     """Text pieces of one prompt's answer as its tokens arrive; joined, they equal
     `model.tokenizer.decode(generate(model, [prompt], pixels, config)[0])`. Pieces are never empty."""
-    config = config or GenerationConfig()
-    text = IncrementalDecoder(model.tokenizer)
-    for (token,) in _decode_steps(model, [prompt], pixels, config):
-        if token is None:
-            break
-        piece = text.push(token)
-        if piece:
-            yield piece
-    rest = text.finish()
-    if rest:
-        yield rest
+    return TextStream(model, prompt, pixels, config or GenerationConfig())
+
+
+class TextStream:
+    """An iterator of the text pieces of one answer (see `stream`). Once it is exhausted,
+    `finish_reason` says why the answer ended ("stop", "length" or "context"; None before);
+    `dropped_messages` is as in `GeneratedText` (set by `VisionLanguageModel.stream_chat`)."""
+
+    def __init__(
+        self, model: GenerativeModel, prompt: Sequence[int], pixels: torch.Tensor | None,
+        config: GenerationConfig, dropped_messages: int = 0,
+    ) -> None:
+        self.finish_reason: str | None = None
+        self.dropped_messages = dropped_messages
+        self._pieces = self._generate(model, prompt, pixels, config)
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _generate(
+        self, model: GenerativeModel, prompt: Sequence[int], pixels: torch.Tensor | None, config: GenerationConfig,
+    ) -> Iterator[str]:
+        reasons: list[str | None] = [None]
+        text = IncrementalDecoder(model.tokenizer)
+        for (token,) in _decode_steps(model, [prompt], pixels, config, reasons):
+            if token is None:
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece
+        self.finish_reason = reasons[0]
+        rest = text.finish()
+        if rest:
+            yield rest

@@ -36,7 +36,8 @@ from lm.loss import chunked_cross_entropy, count_labelled, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
 from multimodal.batch import Batch
-from multimodal.conversation import IMAGE_MARKER, messages_from_json, tokenize_conversation, with_image_markers
+from multimodal.conversation import (IMAGE_MARKER, count_images, messages_from_json, tokenize_conversation,
+                                     with_image_markers)
 from multimodal.prompts import caption_prompt
 
 FORMAT = "salamandra-vision"
@@ -72,7 +73,7 @@ def _placeholders_match(is_image: torch.Tensor, run_starts: torch.Tensor, images
 class VisionLanguageModel(nn.Module):
     def __init__(
         self, encoder: OpenCLIPEncoder, projector: nn.Module, decoder: Decoder, tokenizer: Tokenizer,
-        image_token_id: int, loss_chunk_size: int = 1024,
+        image_token_id: int, loss_chunk_size: int | None = None,
     ):
         super().__init__()
         if projector.in_dim != encoder.hidden_size:
@@ -203,9 +204,11 @@ class VisionLanguageModel(nn.Module):
     def generate(
         self, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
         config: generation.GenerationConfig | None = None, **options: Any,
-    ) -> list[list[int]]:
-        """New token ids per prompt; see `multimodal.generation.generate`. `options` override
-        fields of `config` (max_new_tokens, temperature, top_p, seed, stop_ids, compile: the compiled decoding step)."""
+    ) -> list[generation.GeneratedIds]:
+        """New token ids per prompt, each list with its `finish_reason` ("stop", "length", or
+        "context": the end of the decoder's context); see `multimodal.generation.generate`. `options`
+        override fields of `config` (max_new_tokens, temperature, top_p, seed, stop_ids, compile:
+        the compiled decoding step)."""
         return generation.generate(self, prompts, pixels, generation.generation_config(config, **options))
 
     def caption(
@@ -214,7 +217,8 @@ class VisionLanguageModel(nn.Module):
     ) -> str | list[str]:
         """A caption of `image` (a str), or of each image of a list (a list, decoded `batch_size`
         at a time). The question is `prompt`, by default the canonical caption prompt of `language`
-        (en, es, ca), asked as in training: one user turn with the image before the question."""
+        (en, es, ca), asked as in training: one user turn with the image before the question.
+        Each caption is a `GeneratedText`, a str with its `finish_reason`."""
         single = isinstance(image, Image.Image)
         images = [image] if single else list(image)
         for index, item in enumerate(images):
@@ -233,36 +237,50 @@ class VisionLanguageModel(nn.Module):
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             new_ids = generation.generate(self, [ids] * len(chunk), self.preprocess(chunk), config)
-            captions += [self.tokenizer.decode(i) for i in new_ids]
+            captions += [generation.GeneratedText(self.tokenizer.decode(i), i.finish_reason) for i in new_ids]
         return captions[0] if single else captions
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
         **generation_options: Any,
-    ) -> str:
+    ) -> generation.GeneratedText:
         """The assistant's answer to `messages` ({"role", "content"} dicts; `<image>` in a content
         marks where each of `images` goes, in order; without markers the images go at the start of
-        the first user turn)."""
-        ids, pixels = self._chat_inputs(messages, images)
+        the first user turn), a str with its `finish_reason` ("stop", "length" or "context").
+
+        A chat too long for the decoder's context loses its oldest exchanges (see `_chat_inputs`);
+        the answer's `dropped_messages` says how many messages, after the leading system messages."""
         config = generation.generation_config(**generation_options)
-        return self.tokenizer.decode(generation.generate(self, [ids], pixels, config)[0])
+        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens)
+        new_ids = generation.generate(self, [ids], pixels, config)[0]
+        return generation.GeneratedText(self.tokenizer.decode(new_ids), new_ids.finish_reason, dropped)
 
     def stream_chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
         **generation_options: Any,
-    ) -> Iterator[str]:
-        """`chat`, as text pieces while they are generated; joined they equal `chat`'s answer."""
-        ids, pixels = self._chat_inputs(messages, images)
+    ) -> generation.TextStream:
+        """`chat`, as text pieces while they are generated; joined they equal `chat`'s answer. The
+        stream's `dropped_messages` is set from the start, its `finish_reason` once it is exhausted."""
         config = generation.generation_config(**generation_options)
-        return generation.stream(self, ids, pixels, config)
+        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens)
+        return generation.TextStream(self, ids, pixels, config, dropped)
 
     def _prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         return tokenize_conversation(messages, self.tokenizer, self.image_token_id, self.num_image_tokens,
                                      add_generation_prompt=True).input_ids
 
     def _chat_inputs(
-        self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None
-    ) -> tuple[list[int], torch.Tensor | None]:
+        self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None,
+        max_new_tokens: int,
+    ) -> tuple[list[int], torch.Tensor | None, int]:
+        """Prompt ids and pixels of a chat, and how many messages were dropped to fit the context.
+
+        When the prompt leaves the answer less room than max_new_tokens or a quarter of the
+        decoder's context (whichever is less) within max_seq_len, the oldest exchanges (a user
+        message and the messages after it up to the next one) go, one at a time, after the leading
+        system messages and never the latest user message. Images placed without markers go with
+        the first user message kept; an image marked in a dropped message goes with it. A prompt that
+        still fills the whole context is refused, with what to shorten."""
         if isinstance(images, Image.Image):
             images = [images]
         images = list(images or [])
@@ -272,8 +290,29 @@ class VisionLanguageModel(nn.Module):
         messages = messages_from_json({"conversations" if llava else "messages": messages})
         if messages[-1]["role"] == "assistant":
             raise ValueError("the last message is the assistant's; chat answers a user (or system) message")
-        messages = with_image_markers(messages, len(images))
-        return self._prompt_ids(messages), self.preprocess(images)
+        ids = self._prompt_ids(with_image_markers(messages, len(images)))  # also checks markers against images
+        limit = self.decoder.config.max_seq_len
+        # A quarter at most: a max_new_tokens near the context's length would otherwise cost a
+        # short context (the demo's is 256) every earlier turn.
+        room = min(max_new_tokens, limit // 4)
+        system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+        latest = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=system)
+        start, kept_images = system, images
+        while len(ids) + room > limit and start < latest:
+            start = next(i for i in range(start + 1, latest + 1) if messages[i]["role"] == "user")
+            kept = messages[:system] + messages[start:]
+            if count_images(messages):
+                kept_images = images[:count_images(messages[:system])] + images[count_images(messages[:start]):]
+            ids = self._prompt_ids(with_image_markers(kept, len(kept_images)))
+        if len(ids) >= limit:
+            dropped = f" after dropping the {start - system} messages before it" if start > system else ""
+            raise ValueError(
+                f"the chat's prompt (system messages and the latest user message with {len(kept_images)} images "
+                f"of {self.num_image_tokens} tokens each{dropped}) has {len(ids)} tokens and fills the decoder's "
+                f"context of {limit} tokens (max_seq_len), leaving no room for an answer: shorten the latest "
+                "message or the system messages, or send fewer images"
+            )
+        return ids, self.preprocess(kept_images), start - system
 
     def config(self) -> dict:
         return {
