@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from multimodal.data.pipeline import local_path
+from multimodal.data.shards import local_path
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str) -> None:

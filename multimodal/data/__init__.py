@@ -1,11 +1,16 @@
 """The data path: WebDataset shards in, packed model-ready Batches out.
 
 Read in this order:
-- pipeline.py  DataConfig; which shards each rank and worker reads; reading tars into samples;
-               the shuffle buffer; counting and logging skipped samples; the IterableDataset.
+- config.py    DataConfig and its sources; the one place shard patterns become shard URLs.
+- shards.py    which shards each rank and worker reads; reading tars into samples.
+- skips.py     counting and logging skipped samples; the skip budget.
 - decode.py    bytes -> text, JSON, RGB images; the skip reasons.
 - samples.py   one raw sample (caption, conversation, text) -> token ids, labels, image tensors.
+- stages.py    a reader's stages: shard after shard per source, mixing by weight, shuffling, tokenizing.
 - packing.py   first-fit packing into rows of max_tokens; rows -> Batch; padding waste.
+- reader.py    one reader's stages wired into Batches; its exact position after each (ReaderState).
+- resume.py    the position training consumed, saved in checkpoints; going on from it.
+- dataset.py   the IterableDataset, what an epoch is, and the DataLoader (build_loader).
 
     dataset = build_dataset(DataConfig("data/train-{000..009}.tar", max_tokens=2048),
                             tokenizer, encoder_transform(model.encoder), model.image_token_id,
@@ -24,19 +29,12 @@ from PIL import Image
 
 from encoders.transforms import ImageTransform
 from lm.tokenizer import Tokenizer
+from multimodal.data.config import DataConfig, SourceConfig, resolve_sources
 from multimodal.data.decode import SkipSample
+from multimodal.data.dataset import ShardDataset, build_loader
 from multimodal.data.packing import make_batch, pack_samples, padding_waste
-from multimodal.data.pipeline import (
-    DataConfig,
-    ShardDataset,
-    SkipBudgetExceeded,
-    Source,
-    SourceConfig,
-    build_loader,
-    check_local_shards,
-    expand_shards,
-)
 from multimodal.data.samples import SampleSettings, TokenizedSample, to_tokenized_sample
+from multimodal.data.skips import SkipBudgetExceeded
 
 __all__ = [
     "DataConfig",
@@ -62,8 +60,8 @@ def build_dataset(
     image_token_id: int,
     num_image_tokens: int,
 ) -> ShardDataset:
-    """An IterableDataset of Batches (or (Batch, keys) with config.with_keys) over config.shards, or
-    over config.sources mixed by weight. build_loader checks the shard counts against the readers.
+    """An IterableDataset of Batches over config.shards, or over config.sources mixed by weight.
+    build_loader checks the shard counts against the readers.
 
     `image_transform` maps an RGB PIL image to a [3, H, W] tensor: `encoder_transform(encoder)`.
     `image_token_id` and `num_image_tokens` are the model's (VisionLanguageModel attributes).
@@ -78,13 +76,7 @@ def build_dataset(
             raise ValueError("pad_to_square needs an encoders.transforms.ImageTransform; "
                              "pass encoder_transform(encoder, pad_to_square=True) instead")
         image_transform = dataclasses.replace(image_transform, pad_to_square=True)
-    sources = []
-    for source in config.source_list():
-        urls = expand_shards(source.shards)
-        if not urls:
-            raise ValueError(f"source {source.name!r}: {source.shards!r} names no shard")
-        check_local_shards(urls)
-        sources.append(Source(source.name, float(source.weight), tuple(urls)))
+    sources = resolve_sources(config)
     settings = SampleSettings(
         tokenizer=tokenizer,
         image_transform=image_transform,

@@ -12,7 +12,7 @@ buffer overflows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -80,6 +80,16 @@ class Packer:
         self.held -= len(row)
         return row
 
+    def state(self, ref: Callable[[Any], Any]) -> dict[str, Any]:
+        """The open rows, with each sample as `ref(sample)` (a plain value for a checkpoint)."""
+        return {"rows": [[ref(sample) for sample in row] for row in self.rows], "room": list(self.room),
+                "held": self.held}
+
+    def restore(self, state: Mapping[str, Any], sample: Callable[[Any], Any]) -> None:
+        """Back to a saved state; `sample` turns a saved reference into the sample again."""
+        self.rows = [[sample(saved) for saved in row] for row in state["rows"]]
+        self.room, self.held = list(state["room"]), state["held"]
+
 
 _END = object()
 
@@ -108,6 +118,14 @@ class Grouper:
         if self.group:
             group, self.group = self.group, []
             yield group
+
+    def state(self, ref: Callable[[Any], Any]) -> list[Any]:
+        """The group being filled, each row as `ref(row)`."""
+        return [ref(row) for row in self.group]
+
+    def restore(self, state: Sequence[Any], row: Callable[[Any], Any]) -> None:
+        """Back to a saved state; `row` turns a saved row into the row again."""
+        self.group = [row(saved) for saved in state]
 
 
 def group_rows(rows: Iterable[Item], rows_per_batch: int) -> Iterator[list[Item]]:

@@ -1,6 +1,6 @@
 """Exact mid-epoch resume: which data the training loop has consumed, saved in the checkpoint.
 
-Every Batch carries its reader's position right after it (pipeline.iterate_batches): the shard and
+Every Batch carries its reader's position right after it (reader.ReaderState): the shard and
 offset of every source, every buffer as references to samples, every RNG, the skip counts. The
 DataLoader's prefetching means the newest position a worker produced is not what training has
 consumed, so the position is recorded where a Batch is trained on (`DataPosition.consumed`, called
@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from multimodal.data.reader import ReaderState
+
 
 @dataclass
 class ResumePlan:
@@ -27,7 +29,7 @@ class ResumePlan:
     epoch: int
     world_size: int
     num_workers: int
-    states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    states: dict[int, ReaderState] = field(default_factory=dict)
     next_reader: int = 0
 
     def reader_of(self, worker: int) -> int:
@@ -52,7 +54,7 @@ class DataPosition:
     epoch: int = -1
     world_size: int = 1
     num_workers: int = 1
-    states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    states: dict[int, ReaderState] = field(default_factory=dict)
     next_reader: int = 0
 
     def consumed(self, position: Mapping[str, Any] | None) -> None:
@@ -61,7 +63,7 @@ class DataPosition:
             return
         if position["epoch"] != self.epoch:
             self.epoch, self.states = position["epoch"], {}
-        self.world_size, self.num_workers = position["world_size"], position["workers"]
+        self.world_size, self.num_workers = position["world_size"], position["num_workers"]
         self.states[position["worker"]] = position["state"]
         self.next_reader = (position["worker"] + 1) % self.num_workers
 
@@ -72,9 +74,9 @@ class DataPosition:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "world_size": self.world_size, "num_workers": self.num_workers,
-                "states": {str(k): v for k, v in self.states.items()}, "next_reader": self.next_reader}
+                "states": {str(k): v.to_dict() for k, v in self.states.items()}, "next_reader": self.next_reader}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "DataPosition":
         return cls(state["epoch"], state["world_size"], state["num_workers"],
-                   {int(k): v for k, v in state["states"].items()}, state["next_reader"])
+                   {int(k): ReaderState.from_dict(v) for k, v in state["states"].items()}, state["next_reader"])

@@ -207,7 +207,8 @@ def levels(a: torch.Tensor, b: torch.Tensor, transform) -> float:
 def arrived(dataset, parts) -> tuple[dict[str, tuple[str, list[torch.Tensor]]], Counter]:
     """key -> (decoded text, image tensors) of every sample in the Batches, and the skip counts."""
     samples, skips = {}, Counter()
-    for batch, keys in dataset:
+    for batch in dataset:
+        keys = batch.keys
         skips.update(batch.skipped)
         image_index = 0
         for r, (row_keys, lengths) in enumerate(zip(keys, batch.layout.seq_lens)):
@@ -227,7 +228,7 @@ def test_bad_input_matrix(tokenizer, tmp_path, caplog):
     parts = model_parts(tokenizer)
     transform = parts.transform
     shards, good, bad = build_shards(tmp_path)
-    config = DataConfig(shards, max_tokens=256, rows_per_batch=2, shuffle_buffer=0, with_keys=True)
+    config = DataConfig(shards, max_tokens=256, rows_per_batch=2, shuffle_buffer=0)
     dataset = build_dataset(config, tokenizer, transform, parts.image_token_id, parts.num_image_tokens)
     with caplog.at_level("WARNING", logger="multimodal.data"):
         samples, skips = arrived(dataset, parts)

@@ -33,10 +33,10 @@ def source_of(key: str) -> str:
 
 def read(parts, num_workers=0, epoch=0, **options):
     options = {"max_tokens": 256, "rows_per_batch": 4, "shuffle_buffer": 16, "pack_buffer": 8, **options}
-    dataset = build_dataset(DataConfig(with_keys=True, **options), parts.tokenizer, parts.transform,
+    dataset = build_dataset(DataConfig(**options), parts.tokenizer, parts.transform,
                             parts.image_token_id, parts.num_image_tokens)
     dataset.set_epoch(epoch)
-    return list(build_loader(dataset, num_workers, world_size=1))
+    return [(batch, batch.keys) for batch in build_loader(dataset, num_workers, world_size=1)]
 
 
 def keys_of(batches):

@@ -27,10 +27,10 @@ def parts(tokenizer):
 def read_epoch(parts, shards, num_workers=0, epoch=0, **options):
     """All (batch, keys) of one epoch through a DataLoader."""
     options = {"max_tokens": 256, "rows_per_batch": 2, "shuffle_buffer": 16, "pack_buffer": 8, **options}
-    dataset = build_dataset(DataConfig(shards, with_keys=True, **options), parts.tokenizer, parts.transform,
+    dataset = build_dataset(DataConfig(shards, **options), parts.tokenizer, parts.transform,
                             parts.image_token_id, parts.num_image_tokens)
     dataset.set_epoch(epoch)
-    return list(build_loader(dataset, num_workers))
+    return [(batch, batch.keys) for batch in build_loader(dataset, num_workers)]
 
 
 def keys_of(batches):
@@ -189,5 +189,5 @@ def test_config_and_build_checks(parts, tmp_path):
     dataset = build_dataset(DataConfig(paths, pad_to_square=True), parts.tokenizer, parts.transform,
                             parts.image_token_id, parts.num_image_tokens)
     assert dataset.settings.image_transform.pad_to_square
-    batch = next(iter(build_loader(dataset, 0)))  # without with_keys: a plain Batch
+    batch = next(iter(build_loader(dataset, 0)))
     assert type(batch).__name__ == "Batch" and batch.num_samples == 4

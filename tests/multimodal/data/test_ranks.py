@@ -23,11 +23,11 @@ def parts(tokenizer):
 
 
 def keys_of(batches):
-    return [key for _, keys in batches for row in keys for key in row]
+    return [key for batch in batches for row in batch.keys for key in row]
 
 
 def dataset(parts, **options):
-    return build_dataset(DataConfig(with_keys=True, **{**OPTIONS, **options}), parts.tokenizer, parts.transform,
+    return build_dataset(DataConfig(**{**OPTIONS, **options}), parts.tokenizer, parts.transform,
                          parts.image_token_id, parts.num_image_tokens)
 
 
@@ -154,4 +154,4 @@ def test_skips_under_the_budget_do_not_stop(parts, tmp_path):
                    skip_budget_min_samples=30)
     batches = list(build_loader(data, 0, world_size=1))
     assert sorted(keys_of(batches)) == sorted(expected)
-    assert sum((Counter(batch.skipped) for batch, _ in batches), Counter()) == {"image_undecodable": 3}
+    assert sum((Counter(batch.skipped) for batch in batches), Counter()) == {"image_undecodable": 3}

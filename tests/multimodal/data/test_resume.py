@@ -37,12 +37,12 @@ def sources(tmp_path):
     return [SourceConfig("captions", captions + [str(bad)], 0.7), SourceConfig("text", texts, 0.3)]
 
 
-def read(parts, sources, workers, plan=None, epoch=0, **options):
+def read(parts, sources, num_workers, plan=None, epoch=0, **options):
     dataset = build_dataset(DataConfig(sources=sources, **{**OPTIONS, **options}), parts.tokenizer, parts.transform,
                             parts.image_token_id, parts.num_image_tokens)
     dataset.set_epoch(epoch)
     dataset.resume_from(plan)
-    return list(build_loader(dataset, workers, world_size=1))
+    return list(build_loader(dataset, num_workers, world_size=1))
 
 
 def fingerprint(batch):
@@ -64,19 +64,19 @@ def resume_after(batches, cut):
     return DataPosition.from_state_dict(torch.load(buffer, weights_only=True)["data_position"]).plan()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("mode", ["once", "resampled", "unshuffled"])
-def test_resume_after_any_batch_goes_on_exactly(parts, sources, mode, workers):
+def test_resume_after_any_batch_goes_on_exactly(parts, sources, mode, num_workers):
     options = {"once": {}, "resampled": {"resampled": True, "batches_per_epoch": 9},
                "unshuffled": {"shuffle_buffer": 0}}[mode]
-    full = read(parts, sources, workers, epoch=1, **options)
+    full = read(parts, sources, num_workers, epoch=1, **options)
     expected = [fingerprint(batch) for batch in full]
     assert len(full) >= 8
     assert any(batch.skipped for batch in full) or mode == "resampled"
     # Every cut in-process; with workers, cuts where each of the two readers is next, and the end.
-    cuts = range(1, len(full) + 1) if workers == 0 else [1, 2, 3, len(full) // 2, len(full) - 1, len(full)]
+    cuts = range(1, len(full) + 1) if num_workers == 0 else [1, 2, 3, len(full) // 2, len(full) - 1, len(full)]
     for cut in cuts:
-        resumed = read(parts, sources, workers, plan=resume_after(full, cut), epoch=1, **options)
+        resumed = read(parts, sources, num_workers, plan=resume_after(full, cut), epoch=1, **options)
         assert [fingerprint(batch) for batch in resumed] == expected[cut:], f"cut after batch {cut}"
 
 
@@ -106,6 +106,17 @@ def test_other_ranks_or_workers_are_refused(parts, sources):
     dataset.resume_from(plan)
     with pytest.raises(ValueError, match="2 DataLoader workers, this run has 1 x 1"):
         build_loader(dataset, 1, world_size=1)
+
+
+def test_a_position_saved_in_another_format_is_refused_when_the_checkpoint_loads(parts, sources):
+    full = read(parts, sources, 0)
+    position = DataPosition()
+    position.consumed(full[0].position)
+    saved = position.state_dict()
+    reader_state = saved["states"]["0"]
+    reader_state["shuffler"] = reader_state.pop("shuffle")  # as a data path of another version might write it
+    with pytest.raises(ValueError, match="another version.*resume: false"):
+        DataPosition.from_state_dict(saved)
 
 
 def test_a_changed_shard_is_an_error_not_a_silent_skip(parts, sources, tmp_path):
