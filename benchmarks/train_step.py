@@ -224,10 +224,6 @@ def same_computation(ours: VisionLanguageModel, hf, samples: list[TokenizedSampl
     }
 
 
-def real_tokens_of(batch: Batch) -> int:
-    return sum(sum(row) for row in batch.layout.seq_lens)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     mine = our_batches(samples, args.max_tokens, args.rows, pad_id)
     theirs = hf_batches(samples, args.hf_batch_size, pad_id)
     real = sum(len(s) for s in samples)
-    assert real == sum(real_tokens_of(b) for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
+    assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
     our_seconds = hf_seconds = 0.0
     our_losses, hf_losses = [], []
     # Alternate step by step, so that both see the same machine load over the run.

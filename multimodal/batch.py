@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,14 @@ class Batch:
     position: dict[str, Any] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.pixels), self.layout,
-                     self.num_samples, dict(self.skipped), dict(self.sources), self.keys, self.position)
+        """The same Batch with its tensors on `device` (and its own copies of the count dicts)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved, skipped=dict(self.skipped), sources=dict(self.sources))
+
+    def real_tokens(self) -> int:
+        """The tokens that are not padding: the sample lengths of a packed layout (host-side numbers,
+        no device synchronisation); in plain causal rows every position counts."""
+        if self.layout is not None and self.layout.is_packed:
+            return sum(sum(row) for row in self.layout.seq_lens)
+        return self.input_ids.numel()

@@ -128,13 +128,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def real_tokens(batch: Batch) -> int:
-    """Non-padding tokens, from the layout (host-side numbers: no device synchronisation)."""
-    if batch.layout is not None and batch.layout.is_packed:
-        return sum(sum(row) for row in batch.layout.seq_lens)
-    return batch.input_ids.numel()
-
-
 def fused_adamw_supported(model: torch.nn.Module) -> bool:
     """AdamW's fused kernel (one pass over all parameters: about 8x faster than the per-tensor loop
     on CPU) runs on CPU and CUDA floating-point parameters."""
@@ -178,7 +171,7 @@ class VLMModule(L.LightningModule):
         self.data_position.consumed(batch.position)
         loss, _ = self.model(batch)
         rows = batch.input_ids.shape[0]
-        tokens = real_tokens(batch)
+        tokens = batch.real_tokens()
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
         self.log("train/padding_waste", 1.0 - tokens / batch.input_ids.numel(), batch_size=rows)
         now = time.perf_counter()

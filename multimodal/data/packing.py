@@ -170,5 +170,4 @@ def padding_waste(batch: Batch) -> float:
     total = batch.input_ids.numel()
     if batch.layout is None or not batch.layout.is_packed:
         raise ValueError("padding_waste needs a packed batch (layout with sample lengths)")
-    used = sum(sum(row) for row in batch.layout.seq_lens)
-    return (total - used) / total if total else 0.0
+    return (total - batch.real_tokens()) / total if total else 0.0

@@ -116,7 +116,7 @@ SETTINGS = {
 }
 
 
-def read(shards, data: str, options: dict, workers: int, epoch: int, plan=None) -> list:
+def read(shards, data: str, options: dict, num_workers: int, epoch: int, plan=None) -> list:
     if data == "mix":
         where = {"sources": [SourceConfig("mixed", shards["mixed"], 0.7), SourceConfig("text", shards["text"], 0.3)]}
     else:
@@ -127,7 +127,7 @@ def read(shards, data: str, options: dict, workers: int, epoch: int, plan=None) 
                             tokenizer.reserved_token_id(1), NUM_IMAGE_TOKENS)
     dataset.set_epoch(epoch)
     dataset.resume_from(plan)
-    return list(build_loader(dataset, workers, world_size=1))
+    return list(build_loader(dataset, num_workers, world_size=1))
 
 
 def resume_plan(batches: list, cut: int):
@@ -167,11 +167,11 @@ def batch_hashes(batch) -> dict[str, str]:
 
 
 def setting_hashes(shards, name: str) -> list[dict[str, str]]:
-    data, options, workers, epoch, cut = SETTINGS[name]
-    batches = read(shards, data, options, workers, epoch)
+    data, options, num_workers, epoch, cut = SETTINGS[name]
+    batches = read(shards, data, options, num_workers, epoch)
     if cut is not None:
         assert 0 < cut < len(batches), (name, len(batches))
-        batches = read(shards, data, options, workers, epoch, plan=resume_plan(batches, cut))
+        batches = read(shards, data, options, num_workers, epoch, plan=resume_plan(batches, cut))
     return [batch_hashes(batch) for batch in batches]
 
 
