@@ -305,12 +305,12 @@ class VisionLanguageModel(nn.Module):
                 kept_images = images[:count_images(messages[:system])] + images[count_images(messages[:start]):]
             ids = self._prompt_ids(with_image_markers(kept, len(kept_images)))
         if len(ids) >= limit:
-            dropped = f" after dropping the {start - system} messages before it" if start > system else ""
+            with_images = f" with {len(kept_images)} images of {self.num_image_tokens} tokens" if kept_images else ""
+            dropped = f", the {start - system} messages before it dropped" if start > system else ""
             raise ValueError(
-                f"the chat's prompt (system messages and the latest user message with {len(kept_images)} images "
-                f"of {self.num_image_tokens} tokens each{dropped}) has {len(ids)} tokens and fills the decoder's "
-                f"context of {limit} tokens (max_seq_len), leaving no room for an answer: shorten the latest "
-                "message or the system messages, or send fewer images"
+                f"the chat's prompt (system messages and the latest user message{with_images}{dropped}) has "
+                f"{len(ids)} tokens and fills the decoder's context of {limit} tokens (max_seq_len), leaving no "
+                "room for an answer: shorten the latest message or the system messages, or send fewer images"
             )
         return ids, self.preprocess(kept_images), start - system
 
