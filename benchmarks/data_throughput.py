@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import math
 import os
-import platform
 import pstats
 import random
 import sys
@@ -48,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import emit, machine_info  # noqa: E402
 from encoders.open_clip import OpenCLIPEncoder  # noqa: E402
 from encoders.transforms import encoder_transform  # noqa: E402
 from lm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -265,24 +264,6 @@ def make_setup(out_dir: Path, count: int, num_shards: int) -> dict:
     }
 
 
-def machine_info() -> dict:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import open_clip
-    import webdataset
-
-    return {
-        "cpus": cpus,
-        "cpu": platform.processor() or platform.machine(),
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pillow": Image.__version__,
-        "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
-        "open_clip": open_clip.__version__,
-        "webdataset": getattr(webdataset, "__version__", "?"),
-    }
-
-
 def profile(setup: dict, warmup: int, samples: int, top: int = 18) -> None:
     """cProfile each pipeline in process; the top functions by own time go to stderr."""
     for name, run in PIPELINES.items():
@@ -343,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
         "image_px": f"{WIDTH}x{HEIGHT} -> 224",
         "mean_jpeg_kb": round(shard_bytes / count / 1024, 1),
         "shard_build_s": round(shard_seconds, 1),
-        "machine": machine_info(),
+        "machine": {**machine_info("pillow", "open_clip_torch", "webdataset"),
+                    "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo"))},
     }
-    print(json.dumps(result), flush=True)
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,6 @@ count (--threads, 1 by default).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -58,49 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import projector  # noqa: E402
-from encoders.open_clip import OpenCLIPEncoder  # noqa: E402
-from lm import Decoder, LMConfig  # noqa: E402
-from lm.tokenizer import train_tokenizer  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_model_args, build_vlm, emit, load_hf_llava, machine_info, median_seconds,
+)
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.conversation import tokenize_conversation  # noqa: E402
-from multimodal.export import export_hf_llava  # noqa: E402
 
 QUESTION = "Describe the image in English, please."
-TOKENIZER_TEXTS = [
-    "A red circle on a blue background.",
-    "Un círculo rojo sobre un fondo azul.",
-    "Un cercle vermell sobre un fons blau.",
-    "Describe the image in English, please.",
-    "Describe la imagen en español.",
-    "Descriu la imatge en català, si us plau.",
-] * 20
 # skimage.data photographs (shipped with scikit-image, no download), one per row of a batch.
 PHOTOS = ["chelsea", "astronaut", "coffee", "rocket", "camera", "hubble_deep_field", "immunohistochemistry", "moon"]
-
-
-def build_model(args: argparse.Namespace) -> VisionLanguageModel:
-    """Random weights: speed does not depend on them, and exact token agreement still tests the path."""
-    torch.manual_seed(args.seed)
-    tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=420)
-    heads = max(1, args.vision_width // 64)
-    clip_config = {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": args.image_size, "layers": args.vision_layers, "width": args.vision_width,
-                       "patch_size": args.patch_size, "head_width": args.vision_width // heads},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-    }
-    encoder = OpenCLIPEncoder(clip_config, feature_layer=-2, drop_cls=True)
-    # The decoder's vocabulary is wider than the small tokenizer's, as Salamandra's output head is
-    # a large share of a decode step; generated ids past the tokenizer are fine, they are compared
-    # as ids.
-    decoder = Decoder(LMConfig.from_name(
-        "tiny", vocab_size=args.vocab, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-        n_kv_heads=args.kv_heads, d_ff=args.d_ff, max_seq_len=2048, attention="sdpa",
-    ))
-    proj = projector.build("mlp", encoder.hidden_size, decoder.config.d_model, depth=2)
-    model = VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1))
-    return model.eval()
 
 
 def photographs(count: int, size: int) -> list[Image.Image]:
@@ -142,21 +104,6 @@ def hf_generate(hf, inputs: dict, new_tokens: int) -> list[list[int]]:
         # EOS id nothing stops early and no logit is touched.
         out = hf.generate(**inputs["hf"], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     return out[:, prompt_length:].tolist()
-
-
-def median_seconds(runs: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time of each run; the runs alternate so that a slow stretch of a shared machine
-    hits both sides alike."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def linear_floor_seconds(model: VisionLanguageModel, batch: int, warmup: int, repeats: int) -> float:
@@ -218,21 +165,6 @@ def measure(model, hf, inputs: dict, new_tokens: int, warmup: int, repeats: int,
     return result
 
 
-def machine_info() -> dict:
-    import transformers
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpus": cpus,
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure (at most 8)")
@@ -245,16 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="ours decodes with GenerationConfig(compile=True) (its eager figures as ours_eager_*)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--vision-layers", type=int, default=6, help="open_clip tower blocks (the last is not used)")
-    parser.add_argument("--vision-width", type=int, default=384)
-    parser.add_argument("--vocab", type=int, default=16384, help="decoder vocabulary (output head width)")
-    parser.add_argument("--layers", type=int, default=8, help="decoder blocks")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1408)
+    add_model_args(parser, image_size=224, patch_size=16)
     args = parser.parse_args(argv)
     if not 1 <= max(args.batch_sizes) <= len(PHOTOS) or min(args.batch_sizes) < 1:
         parser.error(f"batch sizes must be in 1..{len(PHOTOS)} (one photograph per row)")
@@ -265,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    model = build_model(args)
+    model = build_vlm(args, max_seq_len=2048, seed=args.seed).eval()
     with tempfile.TemporaryDirectory(prefix="decode-bench-") as temp:
-        out = export_hf_llava(model, Path(temp) / "llava")
-        hf = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+        hf, out = load_hf_llava(model, Path(temp), torch.float32)
+        hf.eval()
         processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
     images = photographs(max(args.batch_sizes), args.image_size)
 
@@ -291,10 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ours": "compiled decoding steps (compile=True)" if args.compile else "eager",
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "machine": machine_info(),
+        "machine": machine_info("transformers"),
     })
-    print(json.dumps(result), flush=True)
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

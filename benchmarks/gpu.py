@@ -28,7 +28,8 @@ before activations. Decoder blocks recompute their activations in the backward p
 Decoder.gradient_checkpointing; HF: language_model.gradient_checkpointing_enable(use_reentrant=
 False)); neither side checkpoints the vision tower.
 
-FLOP counting (shared/reference/performance.md), useful work only, padding never counts:
+FLOP counting (the project's convention; benchmarks.common.FlopModel), useful work only, padding
+never counts:
   decoder   6 * N_dec per real token, N_dec = decoder parameters without the input embedding
             (the 256k output head included), plus attention 12 * L * d * s^2 per sample of s tokens
             (the full-square convention of PaLM / llm-foundry; the causal-half convention, 6 * L * d
@@ -40,9 +41,9 @@ MFU = useful FLOP/s / 989e12 (H100 SXM bf16 dense) and / the matmul section's me
 Both sides do the same useful work on the same samples, so `speedup` is a ratio of real tokens/s.
 
 Run on the GPU machine (torch, transformers and lightning are there; open_clip_torch, webdataset
-and xformers are not). On this side, once: `bash ../shared/tools/device-wheels.sh` (puts the wheels
-in .whl/, which the device run carries along); then on the GPU machine: `bash benchmarks/gpu.sh`,
-which does
+and xformers are not). On this side, once, on a machine with internet: put wheels of those three in
+.whl/ (xformers built for the GPU machine's torch and CUDA; the device run carries .whl/ along);
+then on the GPU machine: `bash benchmarks/gpu.sh`, which does
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
     timeout 480 python3 benchmarks/gpu.py --budget-s 420 --compile
@@ -57,8 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import math
 import random
 import shutil
 import sys
@@ -76,6 +75,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks import common  # noqa: E402
+from benchmarks.common import FlopModel, param_count, rounded, sync  # noqa: E402
+
 H100_PEAK_TFLOPS = 989.0
 SIGLIP_384 = "ViT-SO400M-14-SigLIP-384"
 RESULTS: list[dict[str, Any]] = []
@@ -87,22 +89,10 @@ class Skip(Exception):
 
 def emit(record: dict[str, Any]) -> dict[str, Any]:
     RESULTS.append(record)
-    print(json.dumps(record, default=str), flush=True)
-    return record
-
-
-def rounded(value: Any, digits: int = 4) -> Any:
-    if isinstance(value, float):
-        return round(value, digits) if math.isfinite(value) else None
-    return value
+    return common.emit(record)
 
 
 # --- device helpers (every CUDA-only call is behind device.type == "cuda") -------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -271,43 +261,6 @@ def build_model(s: Settings, attention: str):
     return model.to(device=s.device, dtype=s.dtype)
 
 
-def param_count(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
-    return sum(p.numel() for name, p in module.named_parameters() if not any(k in name for k in skip))
-
-
-@dataclass
-class FlopModel:
-    n_decoder: int
-    layers: int
-    d_model: int
-    n_vision: int
-    vision_layers: int
-    vision_width: int
-    vision_tokens: int
-    n_projector: int
-    image_tokens: int  # decoder tokens per image
-
-    @classmethod
-    def of(cls, model) -> "FlopModel":
-        encoder, decoder = model.encoder, model.decoder
-        return cls(
-            n_decoder=param_count(decoder, skip=("embed_tokens",)),
-            layers=decoder.config.n_layers, d_model=decoder.config.d_model,
-            n_vision=param_count(encoder, skip=("pos_embed", "positional_embedding")),
-            vision_layers=encoder.num_layers, vision_width=encoder.hidden_size, vision_tokens=encoder.num_tokens,
-            n_projector=param_count(model.projector), image_tokens=model.num_image_tokens,
-        )
-
-    def training_flops(self, sample_lengths: list[int], images: int, causal: bool = False) -> float:
-        """Useful FLOPs of one stage-2 step (everything trains) over these samples."""
-        attention = (6 if causal else 12) * self.layers * self.d_model
-        decoder = sum(6 * self.n_decoder * n + attention * n * n for n in sample_lengths)
-        per_vision_token = 2 * self.n_vision + 4 * self.vision_layers * self.vision_width * self.vision_tokens
-        vision = 3 * per_vision_token * self.vision_tokens * images
-        proj = 6 * self.n_projector * self.image_tokens * images
-        return float(decoder + vision + proj)
-
-
 @dataclass
 class Workload:
     model: Any
@@ -431,10 +384,8 @@ def load_hf(s: Settings, work: Workload):
 
         if work.hf_dir is None:
             export_to_hf(s, work)
-        # `dtype` replaced `torch_dtype` in transformers 4.56; older versions pass unknown names on.
-        dtype_key = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
         model = transformers.LlavaForConditionalGeneration.from_pretrained(
-            work.hf_dir, attn_implementation="sdpa", **{dtype_key: s.dtype})
+            work.hf_dir, attn_implementation="sdpa", **{common.transformers_dtype_kwarg(): s.dtype})
         model = model.to(device=s.device, dtype=s.dtype)
         model.generation_config.eos_token_id = None  # decode exactly as many tokens as ours
         model.generation_config.pad_token_id = work.model.tokenizer.pad_id
@@ -587,7 +538,13 @@ def _train_hf(s: Settings, work: Workload, hf: Any, peak: float | None, checkpoi
     hf.train()
     hf.requires_grad_(True)
     language_model = hf_language_model(hf)
-    if checkpointing:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+    if hasattr(language_model, "activation_checkpointing_enable"):
+        if checkpointing:
+            language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            language_model.activation_checkpointing_disable()
+    elif checkpointing:
         language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         language_model.gradient_checkpointing_disable()
@@ -636,22 +593,9 @@ def _train_hf(s: Settings, work: Workload, hf: Any, peak: float | None, checkpoi
 def matmul_peak(s: Settings) -> dict[str, Any]:
     n = s.matmul_n
     dtype = torch.bfloat16 if s.device.type == "cuda" else s.dtype
-    a = torch.randn(n, n, device=s.device, dtype=dtype)
-    b = torch.randn(n, n, device=s.device, dtype=dtype)
-    for _ in range(5):
-        c = a @ b
-    sync(s.device)
-    iters = 50 if s.device.type == "cuda" else 5
-    best = float("inf")
-    for _ in range(3):  # best of three rounds: the peak this GPU reaches now
-        t = time.perf_counter()
-        for _ in range(iters):
-            c = a @ b
-        sync(s.device)
-        best = min(best, (time.perf_counter() - t) / iters)
-    del a, b, c
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": rounded(2 * n**3 / best / 1e12, 2),
-            "fraction_of_989": rounded(2 * n**3 / best / 1e12 / H100_PEAK_TFLOPS)}
+    tflops = common.matmul_tflops(n, dtype, s.device, iters=50 if s.device.type == "cuda" else 5)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": rounded(tflops, 2),
+            "fraction_of_989": rounded(tflops / H100_PEAK_TFLOPS)}
 
 
 def attention_bench(s: Settings, work: Workload | None) -> dict[str, Any]:
@@ -740,11 +684,7 @@ def decode_bench(s: Settings, work: Workload) -> dict[str, Any]:
         return out[0, len(prompt):].tolist()
 
     def timed(fn, n):
-        sync(s.device)
-        t = time.perf_counter()
-        tokens = fn(n)
-        sync(s.device)
-        return tokens, time.perf_counter() - t
+        return common.timed(lambda: fn(n), s.device)
 
     n = s.decode_tokens
     record: dict[str, Any] = {"batch": 1, "prompt_tokens": len(prompt), "new_tokens": n}
@@ -793,7 +733,7 @@ def environment(s: Settings) -> dict[str, Any]:
 
     info: dict[str, Any] = {"device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "tiny": s.tiny,
                             "python": platform.python_version(), "torch": torch.__version__,
-                            "budget_s": s.budget_s}
+                            "budget_s": s.budget_s, "machine": common.cpu_info()}
     if s.device.type == "cuda":
         props = torch.cuda.get_device_properties(s.device)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
@@ -875,6 +815,7 @@ def run_all(s: Settings) -> dict[str, Any]:
     summary = {
         "section": "summary",
         "device": RESULTS[0].get("gpu") or RESULTS[0].get("device"),
+        "machine": common.cpu_info(),
         "measured_peak_tflops": peak,
         "ours_real_tokens_per_s": ours.get("real_tokens_per_s"),
         "hf_real_tokens_per_s": hf.get("real_tokens_per_s"),

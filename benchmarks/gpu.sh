@@ -2,8 +2,8 @@
 # The GPU benchmark on the device machine, in one command:  bash benchmarks/gpu.sh [gpu.py options]
 # (default options: --budget-s 420 --compile; the whole run stays under 8 minutes).
 # The machine has torch, transformers and lightning but not open_clip_torch, webdataset or xformers:
-# fill .whl/ first, on a machine with internet, with ../shared/tools/device-wheels.sh; they are
-# installed here with --no-deps --no-index into /tmp/site, as that script's header says.
+# put their wheels in .whl/ first, on a machine with internet (xformers built for this machine's torch
+# and CUDA); they are installed here with --no-deps --no-index into /tmp/site.
 # Output: JSON lines on stdout, also written to $OUT/gpu.jsonl (stderr to $OUT/gpu.stderr.log) when $OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
     || note '{"section": "install", "error": "pip install of .whl/*.whl failed"}'
 else
-  note '{"section": "install", "error": "no .whl/*.whl: run ../shared/tools/device-wheels.sh first (open_clip and xformers sections will fail)"}'
+  note '{"section": "install", "error": "no .whl/*.whl: put the open_clip_torch, webdataset and xformers wheels in .whl/ first (open_clip and xformers sections will fail)"}'
 fi
 export HF_HUB_OFFLINE=1  # nothing here may reach the network
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -21,16 +21,19 @@ After --warmup steps of each, the two alternate step by step until both have con
 --samples samples; throughput is real (non-padding) tokens per second of step time. torch runs
 --threads threads (default 1: figures per core).
 
+`mfu_vs_matmul_peak`: the useful FLOP/s of our steps over the peak of a large square fp32 matrix
+product (--matmul-n) timed in the same run, at the same thread count. Useful FLOPs are counted as
+for the GPU benchmark (benchmarks.common.FlopModel: 6N per real token plus attention 12·L·d·s² per
+sample, the trained tower and projector per image token; padding never counts). No bar: it says
+how much of what this CPU's matrix units give a whole training step uses.
+
     python benchmarks/train_step.py              # one JSON line on stdout
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -43,38 +46,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import projector  # noqa: E402
-from encoders import OpenCLIPEncoder  # noqa: E402
-from lm import Decoder, LMConfig  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    FlopModel, add_model_args, build_vlm, emit, load_hf_llava, machine_info, matmul_tflops,
+)
 from lm.loss import IGNORE_INDEX  # noqa: E402
-from lm.tokenizer import train_tokenizer  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.batch import Batch  # noqa: E402
 from multimodal.data.packing import group_rows, make_batch, pack_samples  # noqa: E402
 from multimodal.data.samples import TokenizedSample  # noqa: E402
-from multimodal.export import export_hf_llava  # noqa: E402
-
-TOKENIZER_TEXTS = [
-    "A red circle on a blue background.",
-    "Un círculo rojo sobre un fondo azul.",
-    "Un cercle vermell sobre un fons blau.",
-    "Describe the image in English, please.",
-] * 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    model = parser.add_argument_group("model (defaults: about 50M parameters)")
-    model.add_argument("--image-size", type=int, default=112)
-    model.add_argument("--patch-size", type=int, default=14)
-    model.add_argument("--vision-width", type=int, default=384)
-    model.add_argument("--vision-layers", type=int, default=6)
-    model.add_argument("--vocab-size", type=int, default=16384)
-    model.add_argument("--d-model", type=int, default=512)
-    model.add_argument("--layers", type=int, default=8)
-    model.add_argument("--heads", type=int, default=8)
-    model.add_argument("--kv-heads", type=int, default=4)
-    model.add_argument("--d-ff", type=int, default=1408)
+    add_model_args(parser)
     data = parser.add_argument_group("data and steps")
     data.add_argument("--max-tokens", type=int, default=1024, help="our packed row length (and the longest sample)")
     data.add_argument("--rows", type=int, default=2, help="our packed rows per step")
@@ -87,38 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # One thread by default, per core as in data_throughput.py: on a shared machine a second thread
     # waits for whichever core another process holds, at every parallel operation.
     data.add_argument("--threads", type=int, default=1)
+    data.add_argument("--matmul-n", type=int, default=2048,
+                      help="size of the square fp32 matrix product timed for mfu_vs_matmul_peak")
     data.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-# --- the model, twice ------------------------------------------------------------------------------
-
-
-def build_model(args: argparse.Namespace) -> VisionLanguageModel:
-    torch.manual_seed(args.seed)
-    tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=420)
-    clip = {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": args.image_size, "patch_size": args.patch_size, "width": args.vision_width,
-                       "layers": args.vision_layers, "head_width": 64},
-    }
-    # LLaVA-1.5's choices: penultimate layer, class token dropped (the exporter maps both).
-    encoder = OpenCLIPEncoder(clip, feature_layer=-2, drop_cls=True)
-    decoder = Decoder(LMConfig(
-        vocab_size=args.vocab_size, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-        n_kv_heads=args.kv_heads, d_ff=args.d_ff, max_seq_len=max(args.max_tokens, 128), attention="sdpa",
-    ))
-    proj = projector.build("mlp", encoder.hidden_size, args.d_model, depth=2)
-    return VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1))
-
-
-def load_hf(model: VisionLanguageModel, directory: Path):
-    import transformers
-
-    out = export_hf_llava(model, directory / "llava")
-    return transformers.LlavaForConditionalGeneration.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="sdpa"
-    )
 
 
 # --- samples ---------------------------------------------------------------------------------------
@@ -228,10 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    ours = build_model(args)
+    ours = build_vlm(args, max_seq_len=max(args.max_tokens, 128), seed=args.seed)
     pad_id = ours.tokenizer.pad_id
     with tempfile.TemporaryDirectory() as tmp:
-        hf = load_hf(ours, Path(tmp))
+        hf, _ = load_hf_llava(ours, Path(tmp), torch.float32)
     ours.train()
     hf.train()
     params = sum(p.numel() for p in ours.parameters())
@@ -253,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = hf_batches(samples, args.hf_batch_size, pad_id)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
+    # The fp32 matmul peak of this machine at this thread count, before and after the steps (the
+    # better of the two: the peak is what the machine can do when least disturbed).
+    matmul_peak = matmul_tflops(args.matmul_n, torch.float32)
     our_seconds = hf_seconds = 0.0
     our_losses, hf_losses = [], []
     # Alternate step by step, so that both see the same machine load over the run.
@@ -266,14 +225,29 @@ def main(argv: list[str] | None = None) -> dict:
             hf_losses.append(hf_step(hf, hf_optimizer, theirs[step]))
             hf_seconds += time.perf_counter() - start
 
+    matmul_peak = max(matmul_peak, matmul_tflops(args.matmul_n, torch.float32))
+
     our_tokens = sum(b.input_ids.numel() for b in mine)
     hf_tokens = sum(b["input_ids"].numel() for b in theirs)
     ours_tps, hf_tps = real / our_seconds, real / hf_seconds
+    useful_flops = FlopModel.of(ours).training_flops([len(s) for s in samples], images=sum(len(s.images) for s in samples))
+    ours_tflops, hf_tflops = useful_flops / our_seconds / 1e12, useful_flops / hf_seconds / 1e12
     result = {
         "benchmark": "train_step",
         "speedup": round(ours_tps / hf_tps, 3),
         "ours_tokens_per_s": round(ours_tps, 1),
         "hf_tokens_per_s": round(hf_tps, 1),
+        # Useful FLOP/s of each side's steps (the same useful work: padding never counts) over the
+        # fp32 matmul peak measured here: no bar, a reading of how much of the machine a step uses.
+        "mfu_vs_matmul_peak": round(ours_tflops / matmul_peak, 4),
+        "hf_mfu_vs_matmul_peak": round(hf_tflops / matmul_peak, 4),
+        "ours_tflops": round(ours_tflops, 4),
+        "hf_tflops": round(hf_tflops, 4),
+        "matmul_peak_tflops": round(matmul_peak, 4),
+        "matmul_n": args.matmul_n,
+        "useful_tflop": round(useful_flops / 1e12, 4),
+        "flops": "6N per real token (N: decoder without input embedding) + 12 L d s^2 per sample, "
+                 "3 (2 N_v + 4 L_v d_v T_v) per image token, 6 N_p per image token",
         "our_padding_waste": round(1 - real / our_tokens, 4),
         "hf_padding_share": round(1 - real / hf_tokens, 4),
         "our_steps": len(mine),
@@ -298,11 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         "adamw": args.adamw,
         "dtype": "float32",
         "threads": torch.get_num_threads(),
-        "machine": {"cpus": os.cpu_count(), "cpu": platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "machine": machine_info("transformers"),
     }
-    print(json.dumps(result))
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
 TINY = ["--image-size", "32", "--patch-size", "8", "--vision-width", "64", "--vision-layers", "2",
         "--vocab-size", "1024", "--d-model", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "160",
-        "--max-tokens", "160", "--rows", "2", "--hf-batch-size", "4", "--samples", "8", "--warmup", "1"]
+        "--max-tokens", "160", "--rows", "2", "--hf-batch-size", "4", "--samples", "8", "--warmup", "1",
+        "--matmul-n", "128"]
 
 
 def test_train_step_runs_and_both_sides_compute_the_same_loss():
@@ -19,6 +20,6 @@ def test_train_step_runs_and_both_sides_compute_the_same_loss():
         assert result[name] > 0, name
     assert 0 <= result["our_padding_waste"] < 1 and 0 <= result["hf_padding_share"] < 1
     assert result["params"] == result["hf_params"] - 2 * 64  # HF's tower adds an identity post-layernorm
-    assert result["loss_diff"] < 1e-5
+    assert result["loss_diff"] <= 5e-6 * result["check_loss"]  # relative: other summation orders
     assert result["head_grad_diff"] <= 1e-5 * result["head_grad_max"]
     assert result["projector_grad_diff"] < 1e-6
