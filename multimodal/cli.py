@@ -32,6 +32,7 @@ def describe_checkpoint(directory: str) -> dict:
         "decoder_layers": model.decoder.config.n_layers,
         "decoder_width": model.decoder.config.d_model,
         "vocab_size": model.decoder.config.vocab_size,
+        "max_seq_len": model.decoder.config.max_seq_len,
         "image_token_id": model.image_token_id,
         "image_token": model.tokenizer.id_to_token(model.image_token_id),
         "tokens_per_image": model.num_image_tokens,
@@ -77,14 +78,28 @@ def caption_command(args: argparse.Namespace) -> int:
     captions = model.caption(images, language=args.language, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
     for path, caption in zip(args.images, captions):
         print(f"{path}\t{caption}" if len(images) > 1 else caption)
+        note = finish_note(caption.finish_reason, args.max_new_tokens, model.decoder.config.max_seq_len)
+        if note:
+            print(f"{path}: {note}" if len(images) > 1 else note, file=sys.stderr)
     return 0
 
 
+def finish_note(reason: str | None, max_new_tokens: int, context: int) -> str | None:
+    """The one-line note for an answer that did not end by itself (None for one that did)."""
+    if reason == "length":
+        return f"[cut off at --max-new-tokens ({max_new_tokens} tokens)]"
+    if reason == "context":
+        return f"[cut off: the prompt and the answer filled the model's context of {context} tokens (max_seq_len)]"
+    return None
+
+
 def chat_command(args: argparse.Namespace) -> int:
+    from multimodal.conversation import IMAGE_MARKER
     from multimodal.model import VisionLanguageModel
 
     model = VisionLanguageModel.from_pretrained(args.checkpoint)
     images = load_images(args.image)
+    context = model.decoder.config.max_seq_len
     messages: list[dict[str, str]] = []
     print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -95,12 +110,28 @@ def chat_command(args: argparse.Namespace) -> int:
         if not text.strip():
             break
         messages.append({"role": "user", "content": text})
+        try:
+            answer = model.stream_chat(messages, images=images or None, max_new_tokens=args.max_new_tokens)
+        except ValueError as error:  # a message too long for the context: say so, and go on without it
+            print(f"salamandra-vl chat: {error}", file=sys.stderr)
+            messages.pop()
+            continue
+        if answer.dropped_messages:
+            # The chat has no system message: the dropped ones are the first, and stay dropped.
+            del messages[:answer.dropped_messages]
+            print(f"[the chat outgrew the model's context of {context} tokens: dropped its "
+                  f"{answer.dropped_messages} oldest messages]", file=sys.stderr)
         pieces = []
-        for piece in model.stream_chat(messages, images=images or None, max_new_tokens=args.max_new_tokens):
+        for piece in answer:
             print(piece, end="", flush=True)
             pieces.append(piece)
         print()
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        note = finish_note(answer.finish_reason, args.max_new_tokens, context)
+        if note:
+            print(note, file=sys.stderr)
+        # An answer that says "<image>" would read as an image marker in the next prompt, and take
+        # the image (or mismatch it) there: the history keeps the rest of the answer.
+        messages.append({"role": "assistant", "content": "".join(pieces).replace(IMAGE_MARKER, "")})
     return 0
 
 
