@@ -234,3 +234,18 @@ def test_cli_chat_drops_old_turns_and_notes_cut_off_answers(model, tmp_path, mon
     monkeypatch.setattr(sys, "stdin", io.StringIO("Describe the image.\n"))
     assert main(args) == 0
     assert f"[cut off: the prompt and the answer filled the model's context of {limit} tokens" in capsys.readouterr().err
+
+
+def test_the_compiled_step_stops_at_the_end_of_the_context_as_eager_does(model, monkeypatch):
+    from lm import decode
+
+    # aot_eager: the static cache and the compiled step's plumbing, compiled in seconds (see
+    # tests/multimodal/test_compiled_generation.py).
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
+    prompts = [prompt(model, "Describe the image.", 2), prompt(model, "Describe the image.", 1)]
+    short = with_context(model, len(prompts[0]) + 4)  # row 0 has 4 tokens of room, row 1 has 20
+    pixels = short.preprocess([RED, BLUE, RED])
+    eager = short.generate(prompts, pixels, max_new_tokens=12, stop_ids=())
+    compiled = short.generate(prompts, pixels, max_new_tokens=12, stop_ids=(), compile=True)
+    assert [(ids, ids.finish_reason) for ids in compiled] == [(ids, ids.finish_reason) for ids in eager]
+    assert [len(ids) for ids in eager] == [4, 12] and [ids.finish_reason for ids in eager] == ["context", "length"]
