@@ -56,8 +56,8 @@ class LMConfig:
         return cls(**values)
 
 
-# Published values: Salamandra technical report, BSC-LT config.json files and NeMo training configs
-# (see shared/reference/salamandra.md). The parameter counts of 2b and 7b are checked in the tests.
+# Published values: Salamandra technical report (arXiv 2502.08489), BSC-LT's config.json files on the
+# Hugging Face Hub and the NeMo training configs. The parameter counts of 2b and 7b are checked in the tests.
 PRESETS: dict[str, LMConfig] = {
     "salamandra-2b": LMConfig(
         n_layers=24, d_model=2048, n_heads=16, n_kv_heads=16, d_ff=5440,

@@ -57,7 +57,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Shaped like Salamandra instruct's template (see shared/reference/salamandra.md): ChatML turns, and
+# Shaped like Salamandra instruct's template (its tokenizer_config.json on the Hub): ChatML turns, and
 # without a system message a default trilingual one carrying a date (`date_string`, which the caller
 # may pass, with a fixed default). The wording is this test's own.
 DEFAULT_SYSTEM_PROMPT = (
