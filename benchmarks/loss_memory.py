@@ -11,18 +11,24 @@ The weight's gradient is part of both peaks. Each subprocess saves its loss and 
 the parent compares them (max abs difference).
 
 Inputs: hidden states ~ N(0, 1) (what a final RMSNorm gives), head weight ~ N(0, 0.02), targets
-uniform over the vocabulary, all labelled. --dtype bfloat16 (default, as in a bf16 run; CPUs with
-AVX-512 BF16 / AMX handle it) or float32.
+uniform over the vocabulary, all labelled. --dtype bfloat16 or float32; by default the dtype the
+device computes natively (benchmarks.common.native_dtype: bf16 on CUDA and on CPUs with AVX-512
+BF16 or AMX, else float32, since a CPU without bf16 units emulates bf16 products through fp32 and
+the run then takes tens of minutes). The JSON line says which dtype ran and why.
 
-    python benchmarks/loss_memory.py         # one JSON line on stdout
+What the peaks hold, at the defaults (256k vocabulary, 2048 wide, 4096 tokens): full holds the
+logits three times over at its peak (fp32 logits, their log-softmax and its gradient: 3.9 GB each in
+fp32) plus the head's gradient; ours holds the head's gradient (2 GB in fp32, 1 GB in bf16) plus
+one chunk's buffers, which `chunked_cross_entropy` sizes by bytes (lm.loss.default_chunk_size).
+
+    python benchmarks/loss_memory.py                   # one JSON line on stdout
+    python benchmarks/loss_memory.py --dtype float32   # the same figures in fp32 on any machine
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lm.loss import chunked_cross_entropy  # noqa: E402
+from benchmarks.common import cpu_info, emit, has_native_bf16, machine_info, native_dtype  # noqa: E402
+from lm.loss import chunked_cross_entropy, default_chunk_size  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 VARIANTS = ("full", "ours")
@@ -47,8 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=256_000)
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=4096, help="labelled tokens")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="of hidden states and head weight")
-    parser.add_argument("--chunk-size", type=int, default=None, help="ours; default: chunked_cross_entropy's own")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="of hidden states and head weight (default: the device's native one, see above)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="ours; default: chunked_cross_entropy's own (sized by memory)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
@@ -122,11 +131,27 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 16384) -> float:
     return max(float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max()) for i in range(0, a.shape[0], rows))
 
 
+def default_dtype(device: str) -> tuple[str, str]:
+    """(dtype name, why) for a run without --dtype."""
+    dtype = native_dtype(device)
+    name = str(dtype).removeprefix("torch.")
+    if torch.device(device).type == "cuda":
+        return name, f"default: native on {torch.cuda.get_device_name(device)}"
+    if has_native_bf16():
+        found = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_info()["vector_extensions"]]
+        return name, f"default: this CPU has {' and '.join(found)}"
+    return name, "default: this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
         run_variant(args)
         return {}
+    if args.dtype is None:
+        args.dtype, dtype_reason = default_dtype(args.device)
+    else:
+        dtype_reason = "given (--dtype)"
     forwarded = ["--vocab-size", str(args.vocab_size), "--hidden-size", str(args.hidden_size), "--tokens",
                  str(args.tokens), "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
                  "--seed", str(args.seed)]
@@ -162,13 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
         "hidden_size": args.hidden_size,
         "tokens": args.tokens,
         "dtype": args.dtype,
-        "chunk_size": args.chunk_size or "default",
+        "dtype_reason": dtype_reason,
+        "chunk_size": args.chunk_size or default_chunk_size(args.vocab_size, DTYPES[args.dtype]),
+        "chunk_size_source": "given (--chunk-size)" if args.chunk_size else "chunked_cross_entropy's default",
         "device": args.device,
         "measure": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM rise (RSS)",
-        "machine": {"cpus": os.cpu_count(), "cpu": platform.machine(), "torch": torch.__version__},
+        "threads": args.threads,
+        "machine": machine_info(),
     }
-    print(json.dumps(result))
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

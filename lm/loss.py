@@ -6,6 +6,13 @@ positions that carry a label, one chunk at a time, and the gradients for the hid
 output head are computed in the same pass, in place in the chunk's logits: peak memory is one
 chunk's fp32 logits (plus the head's gradient, which any backward pass makes), whatever the number
 of tokens, and the head's matrix products are not repeated in the backward pass.
+
+The chunk is sized in bytes, not rows (`default_chunk_size`): a fixed row count makes the chunk
+four times larger at a 256k vocabulary than at 64k, and its cost per logit depends on the dtype. In
+fp32 the head's gradient is twice its bf16 size (2 GB at 256k x 2048), and 1024-row chunks (1 GB
+of logits) brought the peak for 4096 tokens to 3.0 GB, 0.26 of full logits' 11.7 GB; 512-row
+chunks give 2.5 GB (0.22). In bf16, 320-row chunks (0.5 GB with the gradient's bf16 copy) sit
+next to a 1 GB head gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import torch
 from lm.attention import SeqLayout, host_to_device
 
 IGNORE_INDEX = -100
+# What one chunk's buffers may take by default (see default_chunk_size). Matrix products of a few
+# hundred rows against a 256k-wide head still run at full speed on CPU and GPU.
+CHUNK_BYTES = 512 * 2**20
 
 
 def next_token_targets(labels: torch.Tensor, layout: SeqLayout | None = None) -> torch.Tensor:
@@ -65,6 +75,18 @@ def count_labelled(targets: torch.Tensor) -> Callable[[], int]:
         return int(host)
 
     return read
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk whose buffers take at most about `budget_bytes`: the chunk's fp32 logits (4
+    bytes per logit; the softmax and its gradient are made in place in them), plus, when the
+    hidden states and head are narrower than fp32 (bf16), the gradient's copy in their dtype.
+    A multiple of 64 rows when there is room for one (256k vocabulary: 512 rows in fp32, 320 in
+    bf16); never less than one row."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_row = vocab_size * (4 + (itemsize if itemsize < 4 else 0))
+    rows = max(1, budget_bytes // per_row)
+    return rows // 64 * 64 if rows >= 64 else rows
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,24 +154,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None,
     num_labelled: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, over targets != IGNORE_INDEX.
 
     hidden: [..., d]; weight: [vocab, d] (the output head); targets: [...] aligned with hidden.
     Only labelled positions are gathered, and logits are computed chunk_size rows at a time (in
-    fp32 for the softmax). `num_labelled`, the number of labelled targets when the caller knows it
-    (see `count_labelled`), spares a host-device synchronisation on CUDA; without it the labelled
-    positions are found with `.nonzero()`.
+    fp32 for the softmax); None sizes the chunks by memory (`default_chunk_size`). `num_labelled`,
+    the number of labelled targets when the caller knows it (see `count_labelled`), spares a
+    host-device synchronisation on CUDA; without it the labelled positions are found with
+    `.nonzero()`.
 
     With gradients enabled, the gradients are computed in this call and kept until backward (which
     may run once); hidden states need not be kept for the head's backward pass.
     """
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match hidden states {tuple(hidden.shape[:-1])}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None: sized by memory), got {chunk_size}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labelled = targets.reshape(-1) != IGNORE_INDEX
     if num_labelled is None:
@@ -167,6 +190,8 @@ def chunked_cross_entropy(
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     hidden, targets = hidden.index_select(0, keep), targets.reshape(-1).index_select(0, keep)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], weight.dtype)
     with torch.autocast(device_type, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

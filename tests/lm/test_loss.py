@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 
 from lm import SeqLayout
-from lm.loss import IGNORE_INDEX, chunked_cross_entropy, next_token_targets
+from lm.loss import CHUNK_BYTES, IGNORE_INDEX, chunked_cross_entropy, default_chunk_size, next_token_targets
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000, None])
 def test_chunked_loss_and_gradients_equal_full_logits(chunk_size):
     torch.manual_seed(0)
     hidden = torch.randn(3, 20, 16, requires_grad=True)
@@ -21,6 +21,18 @@ def test_chunked_loss_and_gradients_equal_full_logits(chunk_size):
     torch.testing.assert_close(ours, full, atol=1e-6, rtol=1e-6)
     for a, b in zip(our_grads, full_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_default_chunks_are_sized_by_bytes_per_dtype():
+    # 256k vocabulary: fp32 logits are 4 bytes per logit; in bf16 the gradient's bf16 copy adds 2.
+    assert default_chunk_size(256_000, torch.float32) == 512
+    assert default_chunk_size(256_000, torch.bfloat16) == 320
+    for vocab in (50, 32_000, 256_000, 10**9):
+        for dtype, per_logit in ((torch.float32, 4), (torch.bfloat16, 6), (torch.float16, 6)):
+            rows = default_chunk_size(vocab, dtype)
+            assert rows >= 1 and (rows == 1 or rows * vocab * per_logit <= CHUNK_BYTES)
+            # The largest multiple of 64 rows that fits (or the largest row count, below 64).
+            assert (rows + (64 if rows >= 64 else 1)) * vocab * per_logit > CHUNK_BYTES or rows == 1
 
 
 def test_bf16_hidden_gives_fp32_loss():
