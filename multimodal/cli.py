@@ -43,13 +43,15 @@ def describe_checkpoint(directory: str) -> dict:
     }
 
 
-def run_lightning(argv: Sequence[str]) -> int:
+def run_lightning(argv: Sequence[str] | None) -> int:
+    """fit / validate through LightningCLI; argv None: the command line (sys.argv), which
+    LightningCLI then reads itself (given both, it warns that they might disagree)."""
     from lightning.pytorch.cli import LightningCLI
 
     from multimodal.training import ShardDataModule, VLMModule
 
     LightningCLI(
-        VLMModule, ShardDataModule, args=list(argv), save_config_kwargs={"overwrite": True},
+        VLMModule, ShardDataModule, args=None if argv is None else list(argv), save_config_kwargs={"overwrite": True},
         # Checkpoints are written atomically unless the config names other plugins.
         trainer_defaults={"plugins": [{"class_path": "multimodal.checkpoint_io.AtomicCheckpointIO"}]},
         parser_kwargs={"description": "Train or validate a salamandra-vision model (PyTorch Lightning)."},
@@ -244,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return run_lightning(argv)
+        return run_lightning(None if from_command_line else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -41,7 +41,7 @@ def test_caption_prints_one_caption_per_image(vlm, tmp_path, capsys):
     assert main(["caption", "--checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "missing.png")]) == 2
 
 
-def test_fit_from_a_yaml_config(tokenizer, tmp_path):
+def test_fit_from_a_yaml_config(tokenizer, tmp_path, monkeypatch, recwarn):
     tokenizer.save(tmp_path / "tokenizer")
     shards, _ = write_shards(tmp_path / "shards", num_samples=16, num_shards=1)
     config = {
@@ -55,7 +55,11 @@ def test_fit_from_a_yaml_config(tokenizer, tmp_path):
         "data": {"train": {"shards": shards, "max_tokens": 128, "rows_per_batch": 2}, "num_workers": 0},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(tmp_path / "config.yaml")]) == 0
+    # As the console script runs it: the command line in sys.argv, main() without arguments.
+    monkeypatch.setattr(sys, "argv", ["salamandra-vl", "fit", "--config", str(tmp_path / "config.yaml")])
+    assert main() == 0
+    # LightningCLI warns when given args as well as a command line: main() leaves sys.argv to it.
+    assert not [str(w.message) for w in recwarn if "LightningCLI's args parameter" in str(w.message)]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "config.yaml").exists()  # LightningCLI's record of the run, beside its outputs
 
