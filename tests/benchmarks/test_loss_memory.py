@@ -17,6 +17,7 @@ def test_loss_memory_runs_and_the_variants_agree():
     for name in ("memory_ratio", "ours_peak_gib", "full_peak_gib", "loss_ours", "loss_full"):
         assert result[name] > 0, name
     assert result["memory_ratio"] < 1
-    assert result["loss_diff"] < 1e-5
+    # Relative to the loss (~10.4 here): the variants sum 512 terms in other orders.
+    assert result["loss_diff"] <= 5e-6 * result["loss_full"]
     assert result["hidden_grad_max_diff"] <= 1e-5 * result["hidden_grad_max"]
     assert result["weight_grad_max_diff"] <= 1e-5 * result["weight_grad_max"]

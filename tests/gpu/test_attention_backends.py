@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lm import Decoder, LMConfig, SeqLayout
+from tests.numerics import assert_close_scaled
 
 pytest.importorskip("xformers", reason="pip install 'salamandra-vision[gpu]'")
 
@@ -25,5 +26,8 @@ def test_xformers_equals_sdpa(kv_heads, packed):
         logits = model(ids, layout=layout)
         logits.float().logsumexp(-1).mean().backward()
         outputs.append((logits.float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()))
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=3e-2, rtol=2e-2)
-    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=3e-2, rtol=5e-2)
+    # Relative to each tensor's largest entry (logits ~2.3, q_proj gradient ~1e-4: an atol of 3e-2
+    # could never fail on the gradient). bf16 against fp32 differs by ~1e-2 of the largest entry
+    # (measured on CPU); two bf16 attention kernels by less.
+    assert_close_scaled(outputs[1][0], outputs[0][0], rel=3e-2, msg="logits")
+    assert_close_scaled(outputs[1][1], outputs[0][1], rel=5e-2, msg="q_proj gradient")

@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 
 from lm import Decoder, LMConfig, SeqLayout, compile_blocks
+from tests.numerics import assert_close_scaled
 
 
 @pytest.fixture
@@ -51,10 +52,13 @@ def test_compiled_blocks_match_eager(decoders, checkpointing):
         ids = torch.randint(0, eager.config.vocab_size, (2, 24), generator=generator)
         logits, grads = run(eager, ids, layout)
         logits_c, grads_c = run(compiled, ids, layout)
-        torch.testing.assert_close(logits_c, logits, atol=1e-5, rtol=1e-5)
+        # Tolerances relative to each tensor's largest entry: the embedding gradient reaches ~260,
+        # and another summation order (AMD, AVX2, default kernels) moves its near-zero entries by
+        # ~1e-7 of that, beyond any element-wise atol that still means something.
+        assert_close_scaled(logits_c, logits, rel=1e-5, msg="logits")
         assert grads.keys() == grads_c.keys()
         for name in grads:
-            torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
+            assert_close_scaled(grads_c[name], grads[name], rel=1e-5, msg=name)
     # The blocks really ran compiled code.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 

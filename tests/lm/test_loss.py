@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from lm import SeqLayout
 from lm.loss import CHUNK_BYTES, IGNORE_INDEX, chunked_cross_entropy, default_chunk_size, next_token_targets
+from tests.numerics import assert_close_scaled
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000, None])
@@ -18,9 +19,10 @@ def test_chunked_loss_and_gradients_equal_full_logits(chunk_size):
     full_grads = torch.autograd.grad(full, (hidden, weight))
     ours = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
     our_grads = torch.autograd.grad(ours, (hidden, weight))
-    torch.testing.assert_close(ours, full, atol=1e-6, rtol=1e-6)
-    for a, b in zip(our_grads, full_grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # Scalar loss: relative error. Gradients: relative to each gradient's largest entry.
+    assert_close_scaled(ours, full, rel=5e-6, msg="loss")
+    for name, a, b in zip(("hidden", "weight"), our_grads, full_grads):
+        assert_close_scaled(a, b, rel=1e-5, msg=name)
 
 
 def test_default_chunks_are_sized_by_bytes_per_dtype():
@@ -42,7 +44,9 @@ def test_bf16_hidden_gives_fp32_loss():
     loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=3)
     expected = F.cross_entropy((hidden @ weight.t()).float(), targets)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, expected)
+    # Both sides round the same bf16 products (per chunk or whole, bit-identical here under
+    # every ATen/oneDNN ISA level), then sum in fp32 in other orders: a relative tolerance.
+    assert_close_scaled(loss, expected, rel=5e-6)
 
 
 def test_no_labels_gives_zero_that_backpropagates():
