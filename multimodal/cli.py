@@ -138,8 +138,9 @@ def chat_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from multimodal.demo import run_demo
+    from multimodal.demo import relaunch_with_passive_openmp, run_demo
 
+    relaunch_with_passive_openmp(["demo", "--out", str(args.out), "--seed", str(args.seed)])
     run_demo(args.out, seed=args.seed)
     return 0
 

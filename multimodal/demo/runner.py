@@ -20,8 +20,12 @@ Stages 0-2 run through the same LightningModule and data path as `salamandra-vl 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import platform
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,28 +65,87 @@ def run_stage(name: str, spec: ModelSpec, stage: StageConfig, shards: list[str],
     return seconds
 
 
+def machine_info() -> dict:
+    """What the seconds were measured on: CPU model, cores, and the load average when the run began
+    (other processes on a 2-core machine change the demo's time by tens of percent)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "load_average_at_start": load,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def relaunch_with_passive_openmp(argv: list[str]) -> None:
+    """Run this command again, in place, with OMP_WAIT_POLICY=PASSIVE unless the variable is set.
+
+    With its default (active) policy, an OpenMP thread that finds no work spins: on a 2-core
+    machine, torch's two threads then wait on each other whenever anything else runs on a core
+    (the data loader's worker, other processes), and a stage 2 step took up to 9x as long under
+    load (5.9 s against 0.75 s, measured side by side). The policy is read once, when torch loads
+    OpenMP, hence a new process. `argv`: the salamandra-vl arguments that run this command."""
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "multimodal.cli", *argv])
+
+
+def _write_train_shards(data_dir: Path, config: DemoConfig, seed: int):
+    """Start writing the training shards in a second process (they are first read by stage 1); the
+    returned function waits for them and gives their paths. Without fork (macOS, Windows), inline."""
+    arguments = (data_dir, "train", config.train_images)
+    options = {"samples_per_shard": 4000, "seed": seed}
+    if "fork" not in multiprocessing.get_all_start_methods():
+        shards = synthetic.write_shards(*arguments, **options)
+        return lambda: shards
+    # Forked before the tokenizer's or torch's thread pools start: the child only renders and writes.
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    future = pool.submit(synthetic.write_shards, *arguments, **options)
+
+    def wait() -> list[str]:
+        try:
+            return future.result()
+        finally:
+            pool.shutdown()
+    return wait
+
+
 def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoConfig | None = None) -> dict:
     config = config or DemoConfig()
     out = Path(out)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average_at_start']}, "
+          f"torch {machine['torch']} with {machine['torch_threads']} threads, OMP_WAIT_POLICY={machine['omp_wait_policy']}")
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
     data_dir = out / "data"
-    train_shards = synthetic.write_shards(data_dir, "train", config.train_images, samples_per_shard=4000, seed=seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    wait_for_train_shards = _write_train_shards(data_dir, config, seed)
+    train_seeds = synthetic.split_seeds("train", config.train_images, seed=seed)  # the shards' scenes
     texts = synthetic.texts_for_pretraining(config.pretrain_texts, seed=seed)
     text_shards = [write_chat_shard(data_dir / "chats-000000.tar", pretraining_chats(config.pretrain_texts, seed, described=0.5))]
     tokenizer = train_tokenizer(tokenizer_corpus(texts), vocab_size=config.vocab_size)
     tokenizer.save(out / "tokenizer")
     seconds["data"] = time.perf_counter() - started
-    print(f"data: {config.train_images} training images x 3 languages, {len(texts)} texts, "
+    print(f"data: {config.train_images} training images x 3 languages (shards written alongside), {len(texts)} texts, "
           f"tokenizer of {tokenizer.vocab_size} pieces ({seconds['data']:.0f} s)")
 
     started = time.perf_counter()
     print(f"\n== vision: contrastive pre-training of the vision tower, {config.steps['vision']} steps")
-    vision_weights = pretrain_vision_tower(tokenizer, train_shards, config.steps["vision"],
+    vision_weights = pretrain_vision_tower(tokenizer, train_seeds, config.steps["vision"],
                                            out / "vision-tower.safetensors", seed)
     seconds["vision"] = time.perf_counter() - started
+    started = time.perf_counter()
+    train_shards = wait_for_train_shards()
+    seconds["data"] += time.perf_counter() - started  # any wait for the shards is the data's time
 
     spec = ModelSpec(tokenizer=str(out / "tokenizer"), decoder="demo",
                      decoder_options={**config.decoder, "attention": "sdpa"},
@@ -114,6 +177,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
     seconds["evaluation"] = time.perf_counter() - started
     metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     metrics["seconds"]["total"] = round(sum(seconds.values()), 1)
+    metrics["machine"] = machine
 
     print_table(rows, config.sample_rows)
     print(f"\n{'language':<10}{'exact match':>12}{'token F1':>10}{'fidelity':>10}")
