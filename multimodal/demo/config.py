@@ -41,9 +41,12 @@ class DemoConfig:
     steps: dict = field(default_factory=lambda: {"vision": 300, "pretrain": 80, "stage1": 40, "stage2": 460})
     lr: dict = field(default_factory=lambda: {"pretrain": 3e-3, "stage1": 3e-3, "stage2": 2e-3})
     num_workers: int = 1
+    # The decoder's pre-training in a second process while the vision tower trains (runner.py).
+    pretrain_alongside: bool = True
     sample_rows: int = 6  # rows of the printed table, per language
 
 
 QUICK = DemoConfig(train_images=300, test_images=24, pretrain_texts=600, vocab_size=512,
                    decoder={"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 160, "max_seq_len": 256},
-                   steps={"vision": 5, "pretrain": 10, "stage1": 5, "stage2": 10}, num_workers=0, sample_rows=2)
+                   steps={"vision": 5, "pretrain": 10, "stage1": 5, "stage2": 10}, num_workers=0, sample_rows=2,
+                   pretrain_alongside=False)  # a second interpreter's start-up would outlast these steps

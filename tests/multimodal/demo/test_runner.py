@@ -29,3 +29,20 @@ def test_relaunch_sets_passive_and_reruns_the_command(monkeypatch):
     runner.relaunch_with_passive_openmp(["demo", "--out", "runs/x", "--seed", "2"])
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert calls and calls[0][1:] == ["-m", "multimodal.cli", "demo", "--out", "runs/x", "--seed", "2"]
+
+
+def test_pretraining_alongside_the_vision_tower_gives_the_same_model(tmp_path):
+    """The decoder pre-trained in a second process while the tower trains, the tower's weights put
+    in afterwards: byte for byte the checkpoints of pre-training first and the tower then."""
+    import dataclasses
+
+    from multimodal.demo import QUICK, run_demo
+
+    tiny = dataclasses.replace(QUICK, train_images=40, test_images=2, pretrain_texts=200, rows_per_batch=2,
+                               steps={"vision": 2, "pretrain": 2, "stage1": 1, "stage2": 1})
+    sequential = run_demo(tmp_path / "sequential", seed=0, config=tiny)
+    alongside = run_demo(tmp_path / "alongside", seed=0, config=dataclasses.replace(tiny, pretrain_alongside=True))
+    assert "pretrain_wait" in alongside["seconds"] and "pretrain_wait" not in sequential["seconds"]
+    for name in ("pretrain", "stage1", "checkpoint"):
+        assert (tmp_path / "sequential" / name / "model.safetensors").read_bytes() == \
+            (tmp_path / "alongside" / name / "model.safetensors").read_bytes(), name
