@@ -6,9 +6,12 @@ with transformers' `LlavaForConditionalGeneration` and `AutoProcessor`; both the
 the same inputs:
 
 - ours: `VisionLanguageModel.generate` (multimodal/generation.py) with no stop ids, with
-  `compile=True` (the decoding steps after the first as one torch.compile'd graph with frozen
-  weights; the default, --no-compile for eager); with --compile the eager path is measured too, as
-  `ours_eager_*` (and `ours_eager_speedup_batch{B}`, its decode tokens/s over hf's);
+  `compile=True` (the decoding steps after the first as one torch.compile'd graph; the default,
+  --no-compile for eager); with --compile the eager path is measured too, as `ours_eager_*` (and
+  `ours_eager_speedup_batch{B}`, its decode tokens/s over hf's). On CPU the compiled path chooses
+  per batch size, by measuring on this machine, what it runs (lm.decode.step_plans): weights
+  packed for MKL ("frozen") or column-major, or the uncompiled step where that is faster;
+  `plan_batch{B}` says which;
 - hf:   `LlavaForConditionalGeneration.generate(do_sample=False)` with no EOS,
 
 so all produce exactly --new-tokens tokens per row, and the benchmark checks they are the same
@@ -57,6 +60,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import (  # noqa: E402
     add_model_args, build_vlm, emit, load_hf_llava, machine_info, median_seconds,
 )
+from lm.decode import step_plans  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.conversation import tokenize_conversation  # noqa: E402
 
@@ -141,6 +145,10 @@ def measure(model, hf, inputs: dict, new_tokens: int, warmup: int, repeats: int,
         start = time.perf_counter()
         sides["ours"](new_tokens)
         result["compile_s"] = first_call - (time.perf_counter() - start)
+    if compile:
+        # What the compiled path chose to run at this batch size (lm.decode.step_plans).
+        result["plan"] = ",".join(sorted({plan for (rows, *_), plan in step_plans(model.decoder).items()
+                                          if rows == batch}))
     result["same_tokens"] = all(tokens[name] == tokens["hf"] for name in sides) and all(
         len(row) == new_tokens for row in tokens["hf"])
     if compile:

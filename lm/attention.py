@@ -181,20 +181,20 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
 def cached_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
 ) -> torch.Tensor:
-    """Attention of new queries over a KV cache. q: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D];
-    allowed: [B, Tq, Tk] bool (which cached keys each query may see), or None for all keys."""
+    """Attention of new queries over a KV cache. q: [B, Tq, H, D]; k, v: [B, Hkv, Tk, D] (the
+    cache's head-major layout); allowed: [B, Tq, Tk] bool (which cached keys each query may see),
+    or None for all keys."""
     batch, tokens, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     if tokens == 1 and kv_heads != heads:
         # One new token (a decoding step): the query heads that share a key/value head become that
         # head's queries, so each cached key and value is read once per group instead of once per
         # query head (the grouped-query path), about 1.5x faster on CPU. One query row has no
         # causal structure, and the mask of that row broadcasts over the group.
         q = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if allowed is None else allowed[:, None])
         return out.reshape(batch, 1, heads, dim)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q = q.transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if allowed is None else allowed[:, None], enable_gqa=k.shape[1] != q.shape[1]
     )

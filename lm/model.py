@@ -70,7 +70,8 @@ class DecoderCache(Protocol):
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store `layer`'s new keys and values [B, T, Hkv, D]; return the keys and values to attend
-        over and which of them each new query may see ([B, T, slots] bool, or None for all)."""
+        over ([B, Hkv, slots, D]) and which of them each new query may see ([B, T, slots] bool, or
+        None for all)."""
         ...
 
 

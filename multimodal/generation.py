@@ -15,7 +15,8 @@ after the first as one `torch.compile`d graph, gpt-fast style: the prefill stays
 step (one new token per row -> next-token logits) runs at fixed shapes over a static cache, inductor
 fuses the element-wise work, and freezing folds the weights in as constants (on CPU, packed for
 MKL). That step is the decoder's own business: `lm.decode.compiled_step` (and its docstring for
-when it compiles).
+when it compiles; on CPU it measures, per batch size, which weight layout is faster on this CPU and
+whether the compiled step beats the eager one, and runs the faster).
 
 The model is anything of the `GenerativeModel` shape (a `VisionLanguageModel`), so this module
 does not import multimodal.model, which imports it.

@@ -34,8 +34,12 @@ def test_decode_benchmark_runs_and_tokens_match(monkeypatch, compile):
         for name in names + (eager if compile else []):
             assert result[f"{name}_batch{batch}"] > 0, name
         assert result.get(f"ours_eager_same_tokens_batch{batch}", compile) is compile
-        if not compile:
+        if compile:
+            assert result[f"plan_batch{batch}"] in {"frozen", "onednn", "column_major", "eager"}
+        else:
             assert f"ours_eager_speedup_batch{batch}" not in result and f"compile_s_batch{batch}" not in result
     assert result["speedup"] == min(result[f"speedup_batch{b}"] for b in batches)
     assert result["new_tokens"] == 6 and result["image_tokens"] == 16
     assert result["ours"] == ("compiled decoding steps (compile=True)" if compile else "eager")
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["cpu_capability"] and isinstance(machine["vector_extensions"], list)
