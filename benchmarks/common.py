@@ -16,7 +16,7 @@ and imports this module as `benchmarks.common`.
   LlavaForConditionalGeneration (sdpa attention), through `multimodal.export.export_hf_llava`.
 - `FlopModel.of(model).training_flops(sample_lengths, images)`: useful FLOPs of a training step.
 - `sync(device)`, `timed(fn, device)`, `median_seconds(runs, warmup, repeats)`,
-  `matmul_tflops(n, dtype, device)`: timing (runs alternate, so a slow stretch of a shared machine
+  `matmul_tflops(n, dtype, device)`, `matmul_timer(...)`: timing (runs alternate, so a slow stretch of a shared machine
   hits every side alike).
 - `rounded(value)`, `emit(result)`: the one JSON line on stdout.
 """
@@ -54,6 +54,9 @@ VECTOR_FLAGS = (
     "asimd", "sve", "sve2", "bf16",
 )
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Environment variables that cap the instruction sets of torch's kernels: ATen's (and inductor's
+# vector code, which follows it), the -march of inductor's C++ (native by default), oneDNN's, MKL's.
+ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CPP_MARCH", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 TOKENIZER_TEXTS = [
     "A red circle on a blue background.",
@@ -101,12 +104,19 @@ def cpu_info() -> dict[str, Any]:
         # ATEN_CPU_CAPABILITY says so.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": has_native_bf16(),
+        # Settings that make the kernels use less than the CPU has (e.g. to run as an AVX2 CPU).
+        "isa_settings": {name: os.environ[name] for name in ISA_SETTINGS if name in os.environ},
     }
 
 
 def has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX-BF16)."""
-    return any(flag in _proc_cpuinfo()[1] for flag in BF16_FLAGS)
+    """Whether torch multiplies bf16 matrices in hardware here: the CPU has AVX-512 BF16 or AMX-BF16
+    and neither ATEN_CPU_CAPABILITY nor ONEDNN_MAX_CPU_ISA holds the kernels below them."""
+    if not any(flag in _proc_cpuinfo()[1] for flag in BF16_FLAGS):
+        return False
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and (onednn == "ALL" or "BF16" in onednn or "AMX" in onednn))
 
 
 def native_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -296,10 +306,10 @@ def median_seconds(runs: dict[str, Callable[[], object]], warmup: int, repeats: 
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def matmul_tflops(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  iters: int | None = None, rounds: int = 3) -> float:
-    """The measured peak of an n x n x n matrix product (2 n^3 FLOPs) in `dtype`, TFLOP/s: the best
-    of `rounds` rounds of `iters` products (the least disturbed by other processes)."""
+def matmul_timer(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 iters: int | None = None) -> Callable[[], float]:
+    """A function that times `iters` n x n x n matrix products (2 n^3 FLOPs each) in `dtype` and
+    returns their TFLOP/s; the operands are made and warmed up once, here."""
     device = torch.device(device)
     iters = iters or (50 if device.type == "cuda" else 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -312,8 +322,15 @@ def matmul_tflops(n: int, dtype: torch.dtype = torch.float32, device: torch.devi
         for _ in range(iters):
             torch.mm(a, b, out=out)
 
-    best = min(timed(run, device)[1] for _ in range(rounds)) / iters
-    return 2 * n**3 / best / 1e12
+    return lambda: 2 * n**3 * iters / timed(run, device)[1] / 1e12
+
+
+def matmul_tflops(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  iters: int | None = None, rounds: int = 3) -> float:
+    """The measured peak of an n x n x n matrix product in `dtype`, TFLOP/s: the best of `rounds`
+    rounds of `iters` products (the least disturbed by other processes)."""
+    measure = matmul_timer(n, dtype, device, iters)
+    return max(measure() for _ in range(rounds))
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_info, emit, has_native_bf16, machine_info, native_dtype  # noqa: E402
+from benchmarks.common import BF16_FLAGS, cpu_info, emit, has_native_bf16, machine_info, native_dtype  # noqa: E402
 from lm.loss import chunked_cross_entropy, default_chunk_size  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -137,9 +137,12 @@ def default_dtype(device: str) -> tuple[str, str]:
     name = str(dtype).removeprefix("torch.")
     if torch.device(device).type == "cuda":
         return name, f"default: native on {torch.cuda.get_device_name(device)}"
+    found = [flag for flag in BF16_FLAGS if flag in cpu_info()["vector_extensions"]]
     if has_native_bf16():
-        found = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_info()["vector_extensions"]]
         return name, f"default: this CPU has {' and '.join(found)}"
+    if found:
+        return name, f"default: this CPU has {' and '.join(found)}, but the kernels are held below them " \
+                     f"({cpu_info()['isa_settings']}; bf16 would be emulated)"
     return name, "default: this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)"
 
 

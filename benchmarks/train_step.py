@@ -22,7 +22,8 @@ After --warmup steps of each, the two alternate step by step until both have con
 --threads threads (default 1: figures per core).
 
 `mfu_vs_matmul_peak`: the useful FLOP/s of our steps over the peak of a large square fp32 matrix
-product (--matmul-n) timed in the same run, at the same thread count. Useful FLOPs are counted as
+product (--matmul-n) timed in the same run (before, between and after the steps; the best), at the
+same thread count. Useful FLOPs are counted as
 for the GPU benchmark (benchmarks.common.FlopModel: 6N per real token plus attention 12·L·d·s² per
 sample, the trained tower and projector per image token; padding never counts). No bar: it says
 how much of what this CPU's matrix units give a whole training step uses.
@@ -47,7 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    FlopModel, add_model_args, build_vlm, emit, load_hf_llava, machine_info, matmul_tflops,
+    FlopModel, add_model_args, build_vlm, emit, load_hf_llava, machine_info, matmul_timer, matmul_tflops,
 )
 from lm.loss import IGNORE_INDEX  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
@@ -209,8 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = hf_batches(samples, args.hf_batch_size, pad_id)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
-    # The fp32 matmul peak of this machine at this thread count, before and after the steps (the
-    # better of the two: the peak is what the machine can do when least disturbed).
+    # The fp32 matmul peak of this machine at this thread count: the best of rounds timed before,
+    # between and after the steps (the peak is what the machine does when least disturbed; on a
+    # shared machine a round between steps sees the load the steps saw).
+    matmul = matmul_timer(args.matmul_n, torch.float32, iters=1)
     matmul_peak = matmul_tflops(args.matmul_n, torch.float32)
     our_seconds = hf_seconds = 0.0
     our_losses, hf_losses = [], []
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             hf_losses.append(hf_step(hf, hf_optimizer, theirs[step]))
             hf_seconds += time.perf_counter() - start
+        matmul_peak = max(matmul_peak, matmul())
 
     matmul_peak = max(matmul_peak, matmul_tflops(args.matmul_n, torch.float32))
 
