@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -35,9 +34,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The same Batch with its tensors on `device` (and its own copies of the count dicts)."""
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved, skipped=dict(self.skipped), sources=dict(self.sources))
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {name: value.to(device, non_blocking=True) for name, value in values.items()
+                 if isinstance(value, torch.Tensor)}
+        return replace(self, **moved, skipped=dict(self.skipped), sources=dict(self.sources))
 
     def real_tokens(self) -> int:
         """The tokens that are not padding: the sample lengths of a packed layout (host-side numbers,

@@ -111,7 +111,6 @@ class Source:
     urls: tuple[str, ...]
 
 
-
 def resolve_sources(config: DataConfig) -> list[Source]:
     """The sources `config` names, each with its shard patterns expanded to URLs; a pattern that
     names no shard, or a local shard that does not exist, fails here, before any reader starts."""

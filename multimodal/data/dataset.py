@@ -57,7 +57,6 @@ def check_readers(sources: Sequence[Source], resampled: bool, world_size: int, n
                              "Use more (smaller) shards, fewer DataLoader workers, or resampled: true")
 
 
-
 def reader_quota(batches_per_epoch: int | None, worker: int, num_workers: int) -> int | None:
     """This worker's share of its rank's batches_per_epoch (the shares add up to it exactly)."""
     if batches_per_epoch is None:

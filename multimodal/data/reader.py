@@ -132,10 +132,12 @@ class Reader:
         tokenized = {ref: to_tokenized_sample(raw[ref], self.settings) for row in rows for ref in map(tuple, row)}
         names = [source.name for source in self.sources]
         self.shuffler.restore(state.shuffle, item=lambda ref: (names[ref[0]], raw[ref]))
-        packed = lambda ref: (tuple(ref), tokenized[tuple(ref)])  # noqa: E731
-        self.packer.restore(state.packer, sample=packed)
-        self.grouper.restore(state.group, row=lambda refs: [packed(ref) for ref in refs])
-        self.pending = None if state.pending is None else [[packed(ref) for ref in row] for row in state.pending]
+        def packed_row(refs: list) -> list[tuple[tuple, Any]]:
+            return [(tuple(ref), tokenized[tuple(ref)]) for ref in refs]
+
+        self.packer.restore(state.packer, sample=lambda ref: packed_row([ref])[0])
+        self.grouper.restore(state.group, row=packed_row)
+        self.pending = None if state.pending is None else [packed_row(row) for row in state.pending]
         self.produced, self.from_source = state.batches, Counter(state.from_source)
 
     def batches(self, quota: int | None) -> Iterator[Batch]:
@@ -179,20 +181,19 @@ class Reader:
         return batch
 
     def log_epoch(self, quota: int | None) -> None:
-        config, sources, from_source = self.config, self.sources, self.from_source
         if quota is not None and self.produced < quota:
             logger.warning("%s produced %d of its %d batches (batches_per_epoch %d): its data ran out; ranks with "
                            "unequal batch counts can hang DDP; lower batches_per_epoch or use resampled mode",
-                           self.name, self.produced, quota, config.batches_per_epoch)
+                           self.name, self.produced, quota, self.config.batches_per_epoch)
         if self.produced == 0 and self.skips.total:
             logger.warning("%s produced no batch from %s; every sample was skipped: %s",
-                           self.name, [source.name for source in sources], dict(self.skips.total))
+                           self.name, [source.name for source in self.sources], dict(self.skips.total))
         else:
-            total = sum(from_source.values()) or 1
-            achieved = ", ".join(f"{source.name} {from_source[source.name] / total:.3f} (weight {source.weight:g})"
-                                 for source in sources)
+            total = sum(self.from_source.values()) or 1
+            achieved = ", ".join(f"{source.name} {self.from_source[source.name] / total:.3f} (weight {source.weight:g})"
+                                 for source in self.sources)
             logger.info("%s: %d batches, %d samples, skipped %s; sources: %s",
-                        self.name, self.produced, sum(from_source.values()), dict(self.skips.total), achieved)
+                        self.name, self.produced, sum(self.from_source.values()), dict(self.skips.total), achieved)
 
 
 def read_samples(sources: Sequence[Source], refs: Iterable[Ref]) -> dict[Ref, dict[str, Any]]:

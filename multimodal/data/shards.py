@@ -51,7 +51,6 @@ def shards_for_worker(urls: Sequence[str], seed: int, epoch: int, shuffle: bool,
     return urls[rank::world_size][worker::num_workers]
 
 
-
 def check_local_shards(urls: Sequence[str]) -> None:
     """Fail at once on a mistyped path, rather than training on nothing with a log full of skips."""
     missing = [url for url in urls if (path := local_path(url)) is not None and not os.path.exists(path)]
