@@ -189,6 +189,9 @@ class _CompiledStep:
         self.onednn: Callable[..., torch.Tensor] | None = None
         # (batch, cache slots, dtype, device) -> a plan (see step_plans), chosen by _choose_plan.
         self.plans: dict[tuple, str] = {}
+        # batch -> the fp32 weight layout measured fastest (_faster_layout): it depends on the batch
+        # and the linear shapes only, not on the cache length of a plan's shape.
+        self.layouts: dict[int, str] = {}
 
     @staticmethod
     def compile() -> Callable[..., torch.Tensor]:
@@ -310,7 +313,9 @@ def _choose_plan(decoder: Decoder, entry: _CompiledStep, tokens: torch.Tensor, a
     if batch == 1:
         layout = "column_major"
     elif args[3][0].dtype == torch.float32 and torch._C.has_mkl and torch._C._has_mkldnn:
-        layout = _faster_layout(decoder, batch)
+        if batch not in entry.layouts:
+            entry.layouts[batch] = _faster_layout(decoder, batch)
+        layout = entry.layouts[batch]
     else:
         layout = "frozen"
     runs = {layout: lambda: _run_plan(decoder, entry, layout, tokens, args),

@@ -83,7 +83,7 @@ def default_chunk_size(vocab_size: int, dtype: torch.dtype, budget_bytes: int = 
     hidden states and head are narrower than fp32 (bf16), the gradient's copy in their dtype.
     A multiple of 64 rows when there is room for one (256k vocabulary: 512 rows in fp32, 320 in
     bf16); never less than one row."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     per_row = vocab_size * (4 + (itemsize if itemsize < 4 else 0))
     rows = max(1, budget_bytes // per_row)
     return rows // 64 * 64 if rows >= 64 else rows

@@ -156,16 +156,15 @@ def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], con
 
 def _decode_steps(
     model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
-    config: GenerationConfig, finish_reasons: list[str | None] | None = None,
+    config: GenerationConfig, reasons: list[str | None],
 ) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token, or None for a row that has stopped (the stop token
     itself is never yielded). Model work runs under `_inference`, which is never held over a yield.
 
     A row stops at a stop token, after max_new_tokens, or when its prompt and answer fill the
-    decoder's context; `finish_reasons`, if given (one entry per prompt, None), receives why, as
+    decoder's context; `reasons` (one entry per prompt, None) receives why, as
     each row stops: "stop", "length" or "context" (see FINISH_REASONS)."""
     budgets = _check_prompts(model, prompts, config)
-    reasons = [None] * len(prompts) if finish_reasons is None else finish_reasons
     decoder = model.decoder
     weight = decoder.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype

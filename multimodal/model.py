@@ -18,7 +18,7 @@ Saved format (`save_pretrained`): a directory with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,11 +298,12 @@ class VisionLanguageModel(nn.Module):
         system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
         latest = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=system)
         start, kept_images = system, images
+        marked, system_images = count_images(messages), count_images(messages[:system])
         while len(ids) + room > limit and start < latest:
             start = next(i for i in range(start + 1, latest + 1) if messages[i]["role"] == "user")
             kept = messages[:system] + messages[start:]
-            if count_images(messages):
-                kept_images = images[:count_images(messages[:system])] + images[count_images(messages[:start]):]
+            if marked:
+                kept_images = images[:system_images] + images[count_images(messages[:start]):]
             ids = self._prompt_ids(with_image_markers(kept, len(kept_images)))
         if len(ids) >= limit:
             with_images = f" with {len(kept_images)} images of {self.num_image_tokens} tokens" if kept_images else ""
