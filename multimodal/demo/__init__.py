@@ -11,6 +11,6 @@ Read in this order:
 """
 
 from multimodal.demo.config import DEMO_ENCODER, DEMO_PROJECTOR, QUICK, DemoConfig
-from multimodal.demo.runner import relaunch_with_passive_openmp, run_demo
+from multimodal.demo.runner import run_demo
 
-__all__ = ["DEMO_ENCODER", "DEMO_PROJECTOR", "QUICK", "DemoConfig", "relaunch_with_passive_openmp", "run_demo"]
+__all__ = ["DEMO_ENCODER", "DEMO_PROJECTOR", "QUICK", "DemoConfig", "run_demo"]

@@ -83,21 +83,6 @@ def machine_info() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
-def relaunch_with_passive_openmp(argv: list[str]) -> None:
-    """Run this command again, in place, with OMP_WAIT_POLICY=PASSIVE unless the variable is set.
-
-    With its default (active) policy, an OpenMP thread that finds no work spins: on a 2-core
-    machine, torch's two threads then wait on each other whenever anything else runs on a core
-    (the data loader's worker, other processes), and a stage 2 step took up to 9x as long under
-    load (5.9 s against 0.75 s, measured side by side). The policy is read once, when torch loads
-    OpenMP, hence a new process. `argv`: the salamandra-vl arguments that run this command."""
-    if os.environ.get("OMP_WAIT_POLICY"):
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "multimodal.cli", *argv])
-
-
 def _stage_from_stdin() -> None:
     """The second process of _run_stage_alongside: its arguments come pickled on stdin."""
     threads, arguments, result = pickle.load(sys.stdin.buffer)
@@ -105,7 +90,7 @@ def _stage_from_stdin() -> None:
     Path(result).write_text(str(run_stage(*arguments, progress_bar=False)))
 
 
-def _run_stage_alongside(threads: int, *arguments):
+def _run_stage_alongside(*arguments):
     """Run `run_stage(*arguments)` in a second Python process while this one goes on; the returned
     function waits and gives its seconds. A fresh interpreter (not a fork: the parent's OpenMP pool
     cannot cross one; not multiprocessing's spawn, which re-imports the caller's main script).
@@ -118,7 +103,7 @@ def _run_stage_alongside(threads: int, *arguments):
     process = subprocess.Popen(
         [sys.executable, "-c", "from multimodal.demo.runner import _stage_from_stdin; _stage_from_stdin()"],
         stdin=subprocess.PIPE)
-    process.stdin.write(pickle.dumps((threads, arguments, str(result))))
+    process.stdin.write(pickle.dumps((torch.get_num_threads(), arguments, str(result))))
     process.stdin.close()
 
     def wait() -> float:
@@ -160,9 +145,17 @@ def _write_train_shards(data_dir: Path, config: DemoConfig, seed: int):
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoConfig | None = None) -> dict:
-    config = config or DemoConfig()
-    out = Path(out)
+    """The demo end to end into `out`; its metrics. It uses every core while it runs and puts torch's
+    thread count back afterwards."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        return _run_demo(Path(out), seed, config or DemoConfig())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average_at_start']}, "
           f"torch {machine['torch']} with {machine['torch_threads']} threads, OMP_WAIT_POLICY={machine['omp_wait_policy']}")
@@ -186,30 +179,26 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
                      decoder_options={**config.decoder, "attention": "sdpa"},
                      encoder={**DEMO_ENCODER, "pretrained": str(vision_weights)}, projector=DEMO_PROJECTOR)
     all_modules = ["encoder", "projector", "decoder"]
-    stages = [
-        ("pretrain", spec, StageConfig(train=["decoder"], lr={"decoder": config.lr["pretrain"]},
-                                       warmup_steps=10, weight_decay=0.01), text_shards),
-        ("stage1", None, StageConfig(train=["projector"], lr={"projector": config.lr["stage1"]},
-                                     warmup_steps=5), None),
-        # The encoder learns 5x slower than the rest (LLaVA-OneVision's ratio), so stage 2 refines
-        # the contrastive features instead of overwriting them with noisy early gradients.
-        ("stage2", None, StageConfig(train=all_modules,
-                                     lr={"encoder": config.lr["stage2"] / 5, "projector": config.lr["stage2"],
-                                         "decoder": config.lr["stage2"]},
-                                     warmup_steps=50, weight_decay=0.01), None),
-    ]
     # Stage 0 (the decoder's pre-training) reads no image: it runs in a second process alongside the
     # contrastive phase (config.pretrain_alongside), and its seconds overlap the vision's.
-    name, pretrain_spec, pretrain_stage, pretrain_shards = stages.pop(0)
-    pretrain_arguments = (name, pretrain_spec, pretrain_stage, pretrain_shards, config.steps[name], config,
-                          out / name, seed)
+    pretrain = StageConfig(train=["decoder"], lr={"decoder": config.lr["pretrain"]}, warmup_steps=10, weight_decay=0.01)
+    pretrain_arguments = ("pretrain", spec, pretrain, text_shards, config.steps["pretrain"], config, out / "pretrain", seed)
+    stages = [
+        ("stage1", StageConfig(train=["projector"], lr={"projector": config.lr["stage1"]}, warmup_steps=5)),
+        # The encoder learns 5x slower than the rest (LLaVA-OneVision's ratio), so stage 2 refines
+        # the contrastive features instead of overwriting them with noisy early gradients.
+        ("stage2", StageConfig(train=all_modules,
+                               lr={"encoder": config.lr["stage2"] / 5, "projector": config.lr["stage2"],
+                                   "decoder": config.lr["stage2"]},
+                               warmup_steps=50, weight_decay=0.01)),
+    ]
     wait_for_pretrain = None
     if config.pretrain_alongside:
         # Without the tower's weights yet: the encoder is built (same random draws, so the same
         # projector and decoder initialisation) but never run on text-only chats; its trained
         # weights go into the pre-trained checkpoint afterwards (_put_vision_tower).
         alongside = replace(spec, encoder={**DEMO_ENCODER})
-        wait_for_pretrain = _run_stage_alongside(torch.get_num_threads(), name, alongside, *pretrain_arguments[2:])
+        wait_for_pretrain = _run_stage_alongside("pretrain", alongside, *pretrain_arguments[2:])
 
     started = time.perf_counter()
     print(f"\n== vision: contrastive pre-training of the vision tower, {config.steps['vision']} steps")
@@ -220,17 +209,17 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
     else:
         started = time.perf_counter()
         seconds["pretrain"] = wait_for_pretrain()
-        _put_vision_tower(out / name, spec.encoder)
+        _put_vision_tower(out / "pretrain", spec.encoder)
         seconds["pretrain_wait"] = time.perf_counter() - started  # what the pre-training added to the wall clock
     started = time.perf_counter()
     train_shards = wait_for_train_shards()
     seconds["data"] += time.perf_counter() - started  # any wait for the shards is the data's time
 
     previous = out / "pretrain"
-    for name, stage_spec, stage, shards in stages:
-        stage_spec = stage_spec or replace(spec, init_from=str(previous))
+    for name, stage in stages:
         target = out / ("checkpoint" if name == "stage2" else name)
-        seconds[name] = run_stage(name, stage_spec, stage, shards or train_shards, config.steps[name], config, target, seed)
+        seconds[name] = run_stage(name, replace(spec, init_from=str(previous)), stage, train_shards, config.steps[name],
+                                  config, target, seed)
         previous = target
 
     started = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from multimodal import cli
 from multimodal.demo import runner
 
 
@@ -19,14 +20,14 @@ def test_machine_info_records_cpu_cores_and_load():
 def test_relaunch_leaves_a_chosen_wait_policy_alone(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr(os, "execv", lambda *args: (_ for _ in ()).throw(AssertionError("relaunched")))
-    runner.relaunch_with_passive_openmp(["demo"])  # returns: the variable is set
+    cli.relaunch_with_passive_openmp(["demo"])  # returns: the variable is set
 
 
 def test_relaunch_sets_passive_and_reruns_the_command(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
-    runner.relaunch_with_passive_openmp(["demo", "--out", "runs/x", "--seed", "2"])
+    cli.relaunch_with_passive_openmp(["demo", "--out", "runs/x", "--seed", "2"])
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert calls and calls[0][1:] == ["-m", "multimodal.cli", "demo", "--out", "runs/x", "--seed", "2"]
 
