@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,10 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # /proc/cpuinfo flags that decide how fast the benchmarks' kernels run, in the order of the ISA
 # generations. AVX-512 BF16 and AMX make bf16 matrix products native; without them torch emulates

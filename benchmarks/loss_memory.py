@@ -137,12 +137,13 @@ def default_dtype(device: str) -> tuple[str, str]:
     name = str(dtype).removeprefix("torch.")
     if torch.device(device).type == "cuda":
         return name, f"default: native on {torch.cuda.get_device_name(device)}"
-    found = [flag for flag in BF16_FLAGS if flag in cpu_info()["vector_extensions"]]
+    cpu = cpu_info()
+    found = [flag for flag in BF16_FLAGS if flag in cpu["vector_extensions"]]
     if has_native_bf16():
         return name, f"default: this CPU has {' and '.join(found)}"
     if found:
         return name, f"default: this CPU has {' and '.join(found)}, but the kernels are held below them " \
-                     f"({cpu_info()['isa_settings']}; bf16 would be emulated)"
+                     f"({cpu['isa_settings']}; bf16 would be emulated)"
     return name, "default: this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)"
 
 
