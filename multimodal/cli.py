@@ -45,18 +45,23 @@ def describe_checkpoint(directory: str) -> dict:
 
 
 def run_lightning(argv: Sequence[str] | None) -> int:
-    """fit / validate through LightningCLI; argv None: the command line (sys.argv), which
-    LightningCLI then reads itself (given both, it warns that they might disagree)."""
-    from lightning.pytorch.cli import LightningCLI
-
+    """fit / validate through LightningCLI (training_cli.TrainingCLI); argv None: the command line
+    (sys.argv), which LightningCLI then reads itself (given both, it warns that they might disagree)."""
+    from multimodal.data.resume import ResumeMismatch
     from multimodal.training import ShardDataModule, VLMModule
+    from multimodal.training_cli import TrainingCLI
 
-    LightningCLI(
-        VLMModule, ShardDataModule, args=None if argv is None else list(argv), save_config_kwargs={"overwrite": True},
-        # Checkpoints are written atomically unless the config names other plugins.
-        trainer_defaults={"plugins": [{"class_path": "multimodal.checkpoint_io.AtomicCheckpointIO"}]},
-        parser_kwargs={"description": "Train or validate a salamandra-vision model (PyTorch Lightning)."},
-    )
+    try:
+        TrainingCLI(
+            VLMModule, ShardDataModule, args=None if argv is None else list(argv),
+            save_config_kwargs={"overwrite": True},
+            # Checkpoints are written atomically unless the config names other plugins.
+            trainer_defaults={"plugins": [{"class_path": "multimodal.checkpoint_io.AtomicCheckpointIO"}]},
+            parser_kwargs={"description": "Train or validate a salamandra-vision model (PyTorch Lightning)."},
+        )
+    except ResumeMismatch as error:
+        print(f"salamandra-vl: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

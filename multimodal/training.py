@@ -28,6 +28,7 @@ from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_dataset, build_loader
 from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.model import VisionLanguageModel
+from multimodal.resume_settings import check_data_layout
 
 MODULES = ("encoder", "projector", "decoder")
 
@@ -128,6 +129,21 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def data_epoch(trainer: L.Trainer) -> int:
+    """The epoch whose data the training loop reads next: the one Lightning gives samplers
+    (its count of processed epochs, as trainer.current_epoch in a run that was not interrupted).
+
+    Resuming from a checkpoint taken after an epoch's last Batch but before the epoch's end (a
+    ModelCheckpoint every n steps), Lightning counts that epoch as done and goes on with the next
+    one, without calling on_train_epoch_start; the loader, made before that, must already read the
+    next epoch, from its start. (A checkpoint taken at the epoch's end has it processed already.)"""
+    epochs = trainer.fit_loop.epoch_progress.current
+    epoch = epochs.processed
+    if epochs.started > epochs.processed and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        epoch += 1
+    return epoch
+
+
 def fused_adamw_supported(model: torch.nn.Module) -> bool:
     """AdamW's fused kernel (one pass over all parameters: about 8x faster than the per-tensor loop
     on CPU) runs on CPU and CUDA floating-point parameters."""
@@ -161,11 +177,19 @@ class VLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         rank_zero_info(f"stage trains {self.stage.train}; " + parameter_report(self.model))
 
+    def on_train_start(self) -> None:
+        # Resumed from a checkpoint taken at an epoch's end, Lightning (2.6) counts that epoch as
+        # processed but, when training runs to max_steps, not as completed: trainer.current_epoch
+        # would then stay one behind the uninterrupted run's (and name checkpoints so) for the rest
+        # of the run. Lightning makes the same correction itself when training runs to max_epochs.
+        epochs = self.trainer.fit_loop.epoch_progress.current
+        epochs.completed = max(epochs.completed, epochs.processed)
+
     def on_train_epoch_start(self) -> None:
         # Lightning reseeds samplers, not iterable datasets: reshuffle the shards for this epoch.
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
+            dataset.set_epoch(data_epoch(self.trainer))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self.data_position.consumed(batch.position)
@@ -273,12 +297,22 @@ class ShardDataModule(L.LightningDataModule):
                            "and batches_per_epoch (or end the run with max_steps before any rank runs out)")
         # Lightning makes the loader (and starts its workers) before on_train_epoch_start, also when
         # it resumes inside an epoch: the epoch and the data position are set here.
-        epoch = self.trainer.current_epoch
+        epoch = data_epoch(self.trainer)
         position = getattr(self.trainer.lightning_module, "data_position", None)
         plan = position.plan() if position is not None else None
         if not (config.resume and plan is not None and plan.epoch == epoch):
             plan = None
         return self._loader(config, epoch, plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The settings the saved data position is only valid for (checked on resume).
+        # (The ranks and workers it needs are in the position itself: ResumePlan.check.)
+        return {"train": None if self.train_config is None else dataclasses.asdict(self.train_config)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.train_config is None or state.get("train") is None or not self.train_config.resume:
+            return  # resume: false starts the epoch's data afresh, with whatever settings
+        check_data_layout(dataclasses.asdict(self.train_config), state["train"])
 
     def val_dataloader(self):
         return [] if self.val_config is None else self._loader(self.val_config)

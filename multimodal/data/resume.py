@@ -21,6 +21,10 @@ from typing import Any
 from multimodal.data.reader import ReaderState
 
 
+class ResumeMismatch(ValueError):
+    """A resumed run asks for settings that the checkpoint's saved state cannot carry over to."""
+
+
 @dataclass
 class ResumePlan:
     """Where one rank's readers go on from in `epoch`: the saved state of each reader (by reader
@@ -38,7 +42,7 @@ class ResumePlan:
 
     def check(self, world_size: int, num_workers: int) -> None:
         if (world_size, max(1, num_workers)) != (self.world_size, max(1, self.num_workers)):
-            raise ValueError(
+            raise ResumeMismatch(
                 f"the checkpoint's data position is for {self.world_size} ranks x {self.num_workers} DataLoader "
                 f"workers, this run has {world_size} x {num_workers}: these decide which shards each reader "
                 "reads, so the position cannot carry over. Resume with the same ranks and data.num_workers, or "

@@ -1,0 +1,75 @@
+"""`salamandra-vl fit` / `validate`: LightningCLI with what a training run needs by default.
+
+- Periodic checkpoints: every `checkpoint.every_n_train_steps` steps (default 500) and `last.ckpt`,
+  written atomically (checkpoint_io.AtomicCheckpointIO), unless the config has a ModelCheckpoint of
+  its own (which then decides) or `trainer.enable_checkpointing: false`.
+- Resumes that keep the given settings: LightningCLI replaces the model's settings with those
+  saved in the checkpoint given by --ckpt_path, so a resumed run would silently ignore a new export
+  directory (and write its export over the first run's). Here the settings given on the command
+  line and in the configs stand; those the checkpoint fixes (the architecture, the optimizer's
+  settings: resume_settings.MAY_CHANGE says which may change) must equal the saved ones, or the
+  run is refused with ResumeMismatch naming each of them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer import Trainer
+
+from multimodal.resume_settings import check_model_settings
+
+
+@dataclass
+class CheckpointSettings:
+    """The default checkpoints of `salamandra-vl fit` (Lightning's ModelCheckpoint arguments):
+    every_n_train_steps: how often; save_top_k: how many step checkpoints to keep (1: the newest;
+    -1: all); save_last: also keep `last.ckpt` (true: a copy; "link": a symbolic link, no second
+    write); dirpath: where (default: the logger's version directory, or
+    trainer.default_root_dir without a logger, + /checkpoints)."""
+
+    every_n_train_steps: int = 500
+    save_top_k: int = 1
+    save_last: bool | str = True
+    dirpath: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_n_train_steps < 1:
+            raise ValueError(f"checkpoint.every_n_train_steps must be >= 1, got {self.every_n_train_steps} "
+                             "(to save no checkpoints: --trainer.enable_checkpointing false)")
+        if self.save_top_k not in (-1, 0, 1):
+            raise ValueError(f"checkpoint.save_top_k must be -1 (all), 0 or 1 (the newest), got {self.save_top_k}")
+
+
+class TrainingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(CheckpointSettings, "checkpoint")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Kept before LightningCLI puts the checkpoint's saved settings in their place.
+        subcommand = self.config.get("subcommand")
+        self.given_model = copy.deepcopy(self.config[subcommand]["model"]) if subcommand else None
+
+    def before_instantiate_classes(self) -> None:
+        section = self.config[self.subcommand]
+        if section.get("ckpt_path") and self.given_model is not None:
+            check_model_settings(self.given_model.as_dict(), section["model"].as_dict())
+            section["model"] = self.given_model
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        section = self.config_init[self.subcommand]
+        trainer = section.get("trainer") or {}
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        settings: CheckpointSettings = section["checkpoint"]
+        if (self.subcommand == "fit" and trainer.get("enable_checkpointing") is not False
+                and not any(isinstance(callback, ModelCheckpoint) for callback in callbacks)):
+            kwargs["callbacks"] = [*callbacks, ModelCheckpoint(
+                dirpath=settings.dirpath, every_n_train_steps=settings.every_n_train_steps,
+                save_top_k=settings.save_top_k, save_last=settings.save_last)]
+        return super().instantiate_trainer(**kwargs)
