@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer import Trainer
@@ -27,22 +28,16 @@ from multimodal.resume_settings import check_model_settings
 @dataclass
 class CheckpointSettings:
     """The default checkpoints of `salamandra-vl fit` (Lightning's ModelCheckpoint arguments):
-    every_n_train_steps: how often; save_top_k: how many step checkpoints to keep (1: the newest;
-    -1: all); save_last: also keep `last.ckpt` (true: a copy; "link": a symbolic link, no second
-    write); dirpath: where (default: the logger's version directory, or
-    trainer.default_root_dir without a logger, + /checkpoints)."""
+    every_n_train_steps: how often (to save none: --trainer.enable_checkpointing false);
+    save_top_k: how many step checkpoints to keep (1: the newest; -1: all; 0: none, last.ckpt only);
+    save_last: also keep `last.ckpt` (true: a copy; "link": a symbolic link, no second write);
+    dirpath: where (default: the logger's version directory + /checkpoints, or
+    trainer.default_root_dir/checkpoints without a logger)."""
 
-    every_n_train_steps: int = 500
-    save_top_k: int = 1
-    save_last: bool | str = True
+    every_n_train_steps: PositiveInt = 500
+    save_top_k: Literal[-1, 0, 1] = 1
+    save_last: bool | Literal["link"] = True
     dirpath: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.every_n_train_steps < 1:
-            raise ValueError(f"checkpoint.every_n_train_steps must be >= 1, got {self.every_n_train_steps} "
-                             "(to save no checkpoints: --trainer.enable_checkpointing false)")
-        if self.save_top_k not in (-1, 0, 1):
-            raise ValueError(f"checkpoint.save_top_k must be -1 (all), 0 or 1 (the newest), got {self.save_top_k}")
 
 
 class TrainingCLI(LightningCLI):

@@ -30,6 +30,7 @@ class StepRecorder(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": batch.keys,
                   "loss": float(outputs["loss"])}
+        Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)  # a logger may write elsewhere
         with open(Path(trainer.default_root_dir) / "steps.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -45,7 +46,7 @@ CASES = {
 MAX_STEPS = 10
 
 
-def write_config(root: Path, case: dict) -> Path:
+def write_config(root: Path, case: dict, max_steps: int = MAX_STEPS, checkpoint_every: int = 1) -> Path:
     callbacks = [{"class_path": f"{__name__}.StepRecorder"}]
     if case.get("epoch_end_checkpoints"):
         # The config's own checkpoints replace salamandra-vl's default ones.
@@ -58,10 +59,10 @@ def write_config(root: Path, case: dict) -> Path:
         ]
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": MAX_STEPS, "logger": False,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
                     "callbacks": callbacks},
-        "checkpoint": {"every_n_train_steps": 1, "save_top_k": -1},
+        "checkpoint": {"every_n_train_steps": checkpoint_every, "save_top_k": -1 if checkpoint_every == 1 else 1},
         "model": {
             "model": {"tokenizer": str(root / "tokenizer"), "decoder": "tiny",
                       "decoder_options": {"attention": "sdpa"}, "encoder": {"model_name": TINY_CLIP}},
