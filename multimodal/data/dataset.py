@@ -26,6 +26,13 @@ What an epoch is:
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -132,6 +139,60 @@ def keep_as_is(item: Any) -> Any:
     return item
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _kill_on_parent_death() -> bool:
+    """Linux: has the kernel SIGKILL this process when its parent dies. False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
+def die_with_parent(trainer: int, worker_id: int) -> None:
+    """A DataLoader worker's worker_init_fn (with the PID of the process that built the loader,
+    `trainer`): the worker dies as soon as its parent does, even when the parent was SIGKILLed.
+
+    Torch's own watchdog only looks at the parent between two fetches, and a worker whose parent
+    died can hang in its exit for good (its data queue's pipe is still held open by its siblings),
+    holding its memory. On Linux the kernel sends the worker SIGKILL when its parent dies
+    (PR_SET_PDEATHSIG); elsewhere a daemon thread checks the parent every second.
+    """
+    # The parent is the trainer itself (fork, spawn) or, under forkserver, the fork server, which
+    # exits as soon as the trainer does. If the trainer is gone already, so is the parent, and the
+    # death signal would never come.
+    parent = os.getppid()
+    if parent != trainer and not _alive(trainer):
+        os._exit(1)
+    # The death signal comes when the *thread* that forked the worker ends, not its process: the
+    # DataLoader's iterator forks its workers from the thread that starts iterating it, which is the
+    # main thread in Lightning (and the fork server's only thread under forkserver); a loader first
+    # iterated from a short-lived thread of one's own would lose its workers when that thread ends.
+    if not _kill_on_parent_death():
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), name="die-with-parent", daemon=True).start()
+    elif os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
 def build_loader(dataset: ShardDataset, num_workers: int, world_size: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset` that passes its Batches through unchanged.
 
@@ -139,7 +200,8 @@ def build_loader(dataset: ShardDataset, num_workers: int, world_size: int | None
     The rank and world_size (unless given) come from RANK / WORLD_SIZE or the torch.distributed
     process group, else 0 and 1, and are stored on the dataset for its workers.
     Workers are not persistent, so each epoch's `set_epoch` reaches them (a worker process costs
-    little next to a pass over the shards).
+    little next to a pass over the shards), and each dies with the process that built the loader,
+    even one SIGKILLed (die_with_parent), rather than living on, orphaned, with its memory.
     """
     # The rank is found here, in the main process, and travels with the dataset to the workers: a
     # worker started by spawn or forkserver does not inherit the torch.distributed process group.
@@ -159,5 +221,9 @@ def build_loader(dataset: ShardDataset, num_workers: int, world_size: int | None
         collate_fn=keep_as_is,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        # This is the loader's only worker_init_fn: one passed to build_loader would have to be called
+        # from it, after die_with_parent, not passed instead. (With it set, Lightning does not add its
+        # pl_worker_init_function, which only reseeds the global RNGs; the data path uses its own.)
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
     )
 
