@@ -2,11 +2,10 @@
 second epoch (2 DataLoader workers, two sources, shuffling, packing, a bad sample), then resumed from
 its last checkpoint; the samples and losses after the checkpoint equal those of an uninterrupted run,
 and every sample of an epoch is trained on exactly once. The same holds for 2 DDP ranks (gloo).
-Checkpoints survive a kill during a save."""
+(A kill during a save: test_crash_leftovers.py; a resume from every step: test_resume_every_step.py.)"""
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import torch
 import yaml
 from webdataset import TarWriter
 
-from multimodal.checkpoint_io import save_atomically
 from tests.multimodal.data.helpers import image_bytes, write_shards
 from tests.multimodal.tiny import TINY_CLIP
 
@@ -149,35 +147,3 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(root):
     epoch0 = [k for s in whole if s["epoch"] == 0 for row in s["keys"] for k in row]
     assert Counter(epoch1) == Counter(epoch0) and max(Counter(epoch0).values()) == 1
     assert len(epoch0) == 20 + 1 + 12 and "bad_zero_byte" not in epoch0
-
-
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
-    path = tmp_path / "last.ckpt"
-    save_atomically({"step": 1, "weights": torch.arange(10)}, str(path))
-    before = path.read_bytes()
-    # A child process starts saving a large checkpoint over it and is SIGKILLed halfway through.
-    child = f"""
-import os, signal, torch
-import multimodal.checkpoint_io as io
-real_save = torch.save
-def save_then_die(obj, file):
-    real_save(obj, file)
-    file.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-io.torch.save = save_then_die
-io.save_atomically({{"step": 2, "weights": torch.zeros(1_000_000)}}, {str(path)!r})
-"""
-    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == -signal.SIGKILL
-    assert path.read_bytes() == before
-    assert torch.load(path, weights_only=True)["step"] == 1
-    assert len(list(tmp_path.glob(".last.ckpt.*.partial"))) == 1  # what the kill left, beside it
-    save_atomically({"step": 3}, str(path))
-    assert torch.load(path, weights_only=True) == {"step": 3}
-
-
-def test_a_failed_save_leaves_nothing_behind(tmp_path):
-    path = tmp_path / "model.ckpt"
-    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # by Python version
-        save_atomically({"not picklable": lambda: None}, str(path))
-    assert list(tmp_path.iterdir()) == []
