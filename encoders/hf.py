@@ -13,8 +13,11 @@ config, `vision_state_to_hf` the weights under the vision model's names (`embedd
 `encoder.layers.N.*`, `post_layernorm.*`) and `image_processor_to_hf` the CLIPImageProcessor
 settings of our preprocessing. Coming back, `HFVisionTower.from_hf` reads a vision config,
 `encoder_config_from_hf` gives the `OpenCLIPEncoder` arguments of that tower (for SigLIP, a
-registered timm model of the same architecture, since open_clip builds those towers by timm name)
-and `vision_state_from_hf` the weights under our `visual.*` names.
+registered timm model of the same architecture, since open_clip builds those towers by timm name;
+the encoder's `activation` option where the tower's GELU is not the model's own, such as a
+`gelu_pytorch_tanh` SigLIP on a timm model with exact GELU) and `vision_state_from_hf` the weights
+under our `visual.*` names. A tower built with `activation="gelu_tanh"` goes out as
+`gelu_pytorch_tanh` (the activation is read off its modules).
 
 Our towers keep only the blocks up to the feature layer; the weights going out are those of that
 truncated tower, whose last hidden state is our feature. The tower's final LayerNorm, never
@@ -55,6 +58,9 @@ __all__ = [
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}
 _RESAMPLE_NAMES = {number: name for name, number in _RESAMPLE.items()}
 _MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+# Hugging Face ACT2FN names our encoder's `activation` option builds exactly (open_clip's
+# quick_gelu is the model config's own flag, not this option).
+_ENCODER_ACTIVATION = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,9 @@ class HFVisionTower:
             raise ValueError(f"vision tower {vision_config.get('model_type')!r}: only clip_vision_model and "
                              "siglip_vision_model have open_clip equivalents")
         hidden_act = vision_config.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")
-        if kind == "clip" and hidden_act not in ("gelu", "quick_gelu"):
-            raise ValueError(f"CLIP tower hidden_act {hidden_act!r}: open_clip's ViT has gelu or quick_gelu")
+        if kind == "clip" and hidden_act not in ("gelu", "quick_gelu", "gelu_pytorch_tanh"):
+            raise ValueError(f"CLIP tower hidden_act {hidden_act!r}: open_clip's ViT has gelu or quick_gelu, and "
+                             "gelu_pytorch_tanh with the encoder option activation='gelu_tanh'")
         return cls(
             kind, vision_config.get("hidden_size", 768), vision_config.get("intermediate_size", 3072),
             vision_config.get("num_hidden_layers", 12), vision_config.get("num_attention_heads", 12),
@@ -377,8 +384,15 @@ def encoder_config_from_hf(
 
     A CLIP tower becomes an open_clip vision_cfg. A SigLIP tower is described to open_clip by a
     registered timm model of the same architecture: `timm_model_name`, or the first `*siglip*`
-    model timm lists that matches; when that model is deeper than `tower`, the feature layer is
-    counted from its input instead. ValueError for what has no equivalent."""
+    model timm lists that matches (one whose own activation is the tower's first, then one that
+    differs only in the activation); when that model is deeper than `tower`, the feature layer is
+    counted from its input instead.
+
+    The activation: `gelu_pytorch_tanh` on a CLIP tower, or on a SigLIP tower whose timm model
+    computes another GELU (timm's `vit_so400m_patch14_siglip_384` is exact, while Google's and
+    Hugging Face's SigLIP use the tanh approximation), sets `activation="gelu_tanh"`; likewise
+    `gelu` on a timm model with a tanh GELU sets `activation="gelu"`. Otherwise the key is absent
+    (the tower's own activation is the one). ValueError for what has no equivalent."""
     preprocess = _preprocess_from_hf(image_processor, tower.image_size)
     hidden, heads = tower.hidden_size, tower.num_heads
     if tower.kind == "clip":
@@ -395,29 +409,38 @@ def encoder_config_from_hf(
             vision["norm_kwargs"] = {"eps": tower.layer_norm_eps}
         model_name: dict[str, Any] = {"embed_dim": hidden, "vision_cfg": vision,
                                       "quick_gelu": tower.hidden_act == "quick_gelu"}
+        activation = "gelu_tanh" if tower.hidden_act == "gelu_pytorch_tanh" else None  # open_clip's is nn.GELU
     else:
         # The feature layer counts in the (possibly truncated) tower; the timm model may be deeper.
         blocks_needed = feature_layer % (tower.num_layers + 1)
-        name, depth = _timm_siglip_model(tower, timm_model_name, blocks_needed)
+        name, depth, activation = _timm_siglip_model(tower, timm_model_name, blocks_needed)
         if depth != tower.num_layers:
             feature_layer = blocks_needed
         model_name = {"embed_dim": hidden, "vision_cfg": {
             "image_size": tower.image_size, "timm_model_name": name, "timm_model_pretrained": False,
             "timm_pool": "", "timm_proj": "none"}}
-    return {"model_name": model_name, "feature_layer": feature_layer, "drop_cls": drop_cls,
-            "preprocess_cfg": preprocess}
+    config = {"model_name": model_name, "feature_layer": feature_layer, "drop_cls": drop_cls,
+              "preprocess_cfg": preprocess}
+    if activation is not None:
+        config["activation"] = activation
+    return config
 
 
-def _timm_siglip_model(tower: HFVisionTower, requested: str | None, blocks_needed: int) -> tuple[str, int]:
-    """(name, depth) of a registered timm model whose architecture is `tower`'s, with at least
-    `blocks_needed` blocks (open_clip builds SigLIP towers from a timm model name alone, so the
-    architecture must be one timm knows by name)."""
+def _timm_siglip_model(
+    tower: HFVisionTower, requested: str | None, blocks_needed: int
+) -> tuple[str, int, str | None]:
+    """(name, depth, activation) of a registered timm model whose architecture is `tower`'s, with
+    at least `blocks_needed` blocks (open_clip builds SigLIP towers from a timm model name alone, so
+    the architecture must be one timm knows by name). activation is None when the timm model's own
+    MLP activation is the tower's, else the encoder `activation` option that makes it so; a model
+    whose activation differs is taken only when no model matches outright and the option exists."""
     import timm
     from timm.layers import Mlp
     from timm.models.vision_transformer import Attention, Block
 
     depth: dict[str, int] = {}
     act_only: dict[str, str | None] = {}  # models that differ in nothing but the activation
+    option = _ENCODER_ACTIVATION.get(tower.hidden_act)  # the encoder option computing the tower's
 
     def matches(name: str) -> bool:
         try:
@@ -455,9 +478,14 @@ def _timm_siglip_model(tower: HFVisionTower, requested: str | None, blocks_neede
         return True
 
     if requested is not None:
-        if not matches(requested):
-            raise ValueError(f"timm model {requested!r} does not have the SigLIP tower's architecture {tower}")
-        return requested, depth[requested]
+        if matches(requested):
+            return requested, depth[requested], None
+        if requested in act_only and option is not None:
+            return requested, depth[requested], option
+        why = (f"its activation is {act_only[requested]!r}, not {tower.hidden_act!r}, which the encoder's "
+               f"activation option cannot make ({sorted(_ENCODER_ACTIVATION)})" if requested in act_only
+               else f"it does not have the SigLIP tower's architecture {tower}")
+        raise ValueError(f"timm model {requested!r}: {why}")
     for name in timm.list_models("*siglip*"):
         # Skip, without building them, models whose name or default config rules them out.
         patch = re.search(r"patch(\d+)", name)
@@ -466,9 +494,13 @@ def _timm_siglip_model(tower: HFVisionTower, requested: str | None, blocks_neede
         if (patch and int(patch.group(1)) != tower.patch_size) or (size is not None and size != tower.image_size):
             continue
         if matches(name):
-            return name, depth[name]
+            return name, depth[name], None
+    if act_only and option is not None:
+        name = next(iter(act_only))  # the first in timm's order, as above
+        return name, depth[name], option
     near = "".join(f"; timm's {name!r} matches except that its activation is {act!r}, not {tower.hidden_act!r} "
-                   "(the features would differ)" for name, act in act_only.items())
+                   f"(the features would differ; the encoder's activation option computes only "
+                   f"{sorted(_ENCODER_ACTIVATION)})" for name, act in act_only.items())
     raise ValueError(
         f"no registered timm model has this SigLIP tower's architecture ({tower}){near}. open_clip builds SigLIP "
         "towers from a timm model name: register one with that architecture (timm.models.register_model) and "

@@ -8,6 +8,11 @@ Two tower families are supported, the ones LLaVA-style models use:
 Features follow Hugging Face's `hidden_states` indexing, so `feature_layer=-2` means what it means
 in LLaVA-1.5: index into [block input (after patch/class/position embedding and the pre-norm),
 output of block 1, ..., output of block L]; no final norm is applied.
+
+`activation` replaces the MLP activation of every block after the tower is built: timm's
+`vit_so400m_patch14_siglip_384` (open_clip's `ViT-SO400M-14-SigLIP-384`) uses exact erf GELU,
+while Google's SigLIP, Hugging Face's (`gelu_pytorch_tanh`) and LLaVA-OneVision use the tanh
+approximation; open_clip cannot select it from a model config.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed open
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # values of OpenCLIPEncoder's `activation` besides None
 
 
 class OpenCLIPEncoder(nn.Module):
@@ -55,6 +61,10 @@ class OpenCLIPEncoder(nn.Module):
         preprocess_cfg: overrides for the preprocessing settings (keys of open_clip's
             PreprocessCfg: mean, std, interpolation, resize_mode, fill_color). Needed for a dict
             config, which carries none; `config()` records the resolved values.
+        activation: the MLP activation of every block: None keeps the tower's own (open_clip's
+            nn.GELU or QuickGELU, the timm model's act_layer), "gelu" is exact (erf) GELU,
+            "gelu_tanh" its tanh approximation (timm's GELUTanh, Hugging Face's
+            `gelu_pytorch_tanh`). It has no parameters, so any checkpoint of the tower loads.
 
     `self.visual` is open_clip's module, so state-dict keys are open_clip's `visual.*` names.
     Its forward() is not usable: everything that cannot affect our output has been removed.
@@ -67,10 +77,14 @@ class OpenCLIPEncoder(nn.Module):
         feature_layer: int = -2,
         drop_cls: bool = True,
         preprocess_cfg: Mapping[str, Any] | None = None,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
             raise ValueError(f"feature_layer must be an int, got {feature_layer!r}")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be None (the tower's own), 'gelu' (exact erf) or 'gelu_tanh' "
+                             f"(tanh approximation), got {activation!r}")
         model_cfg, registry_name = _resolve_model_config(model_name)
 
         checkpoint_path, tag_cfg = None, {}
@@ -120,6 +134,10 @@ class OpenCLIPEncoder(nn.Module):
             )
         if image_size[0] != image_size[1] or patch_size[0] != patch_size[1]:
             raise ValueError(f"only square towers are supported, got image {image_size}, patch {patch_size}")
+
+        if activation is not None:
+            _set_activation(visual, self.tower_type, activation)
+        self.activation = activation
 
         self.num_layers_total = len(blocks)
         if not -(self.num_layers_total + 1) <= feature_layer <= self.num_layers_total:
@@ -171,8 +189,11 @@ class OpenCLIPEncoder(nn.Module):
         return hidden
 
     def config(self) -> dict[str, Any]:
-        """JSON-serializable arguments that rebuild this architecture: OpenCLIPEncoder(**config())."""
-        return {
+        """JSON-serializable arguments that rebuild this architecture: OpenCLIPEncoder(**config()).
+
+        `activation` is present only when set, so a tower with its own activation saves the same
+        config as before the option existed (and such configs load as before)."""
+        config: dict[str, Any] = {
             "model_name": copy.deepcopy(self._model_name),
             "feature_layer": self.feature_layer,
             "drop_cls": self.drop_cls,
@@ -184,6 +205,9 @@ class OpenCLIPEncoder(nn.Module):
                 "fill_color": self.fill_color,
             },
         }
+        if self.activation is not None:
+            config["activation"] = self.activation
+        return config
 
     def _input_dtype(self) -> torch.dtype:
         conv = self.visual.conv1 if self.tower_type == "open_clip" else self.visual.trunk.patch_embed.proj
@@ -387,6 +411,27 @@ def _truncate(visual: nn.Module, tower_type: str, num_layers: int) -> None:
         trunk.attn_pool = None
         trunk.head = nn.Identity()
         visual.head = nn.Identity()
+
+
+def _set_activation(visual: nn.Module, tower_type: str, activation: str) -> None:
+    """Replace the MLP activation of every block (and of a timm attention pool's MLP)."""
+    if tower_type == "open_clip":
+        # open_clip's (Custom)ResidualAttentionBlock: mlp = Sequential(c_fc, gelu, [ln,] c_proj).
+        for block in visual.transformer.resblocks:
+            block.mlp.gelu = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
+        return
+    from timm.layers import GELUTanh
+
+    trunk = visual.trunk
+    mlps = [(f"block {i}", block.mlp) for i, block in enumerate(trunk.blocks)]
+    pool = getattr(trunk, "attn_pool", None)
+    if pool is not None and hasattr(pool, "mlp"):
+        mlps.append(("the attention pool", pool.mlp))
+    for where, mlp in mlps:
+        if not isinstance(getattr(mlp, "act", None), nn.Module):
+            raise ValueError(f"activation={activation!r}: the MLP of {where} ({type(mlp).__name__}) has no `act` "
+                             "module to replace")
+        mlp.act = GELUTanh() if activation == "gelu_tanh" else nn.GELU()
 
 
 def _config_model_name(model_cfg: Mapping[str, Any], registry_name: str | None) -> str | dict[str, Any]:

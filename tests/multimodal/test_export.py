@@ -285,11 +285,72 @@ def test_import_refuses_a_siglip_tower_no_timm_model_has(tokenizer, tmp_path):
     model = build_tiny_vlm(tokenizer, tower="siglip")
     hf_dir = export_hf_llava(model, tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
-    config["vision_config"]["hidden_act"] = "gelu_pytorch_tanh"  # the tiny timm tower's GELU is exact
+    # The tiny timm tower's GELU is exact; gelu_pytorch_tanh would import with the encoder option
+    # activation="gelu_tanh" (test_gelu_tanh_siglip_saves_exports_and_imports), gelu_new cannot.
+    config["vision_config"]["hidden_act"] = "gelu_new"
     (hf_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="matches except that its activation is 'gelu'"):
+    with pytest.raises(ValueError, match="matches except that its activation is 'gelu', not 'gelu_new'"):
         import_hf_llava(hf_dir, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_gelu_tanh_siglip_saves_exports_and_imports(tokenizer, images, tmp_path):
+    """A SigLIP tower with activation="gelu_tanh" (as Google's, Hugging Face's and LLaVA-OneVision's
+    SigLIP) keeps it through save_pretrained / from_pretrained, exports as gelu_pytorch_tanh with
+    LLaVA's logits and tower features equal to ours, and imports back as gelu_tanh.
+
+    The encoder's weights are randomized: at their initial scale tanh and erf GELU move the logits
+    by ~2e-6 of their largest entry, below LOGITS_REL; randomized, by ~1.6e-4."""
+    def build(activation):
+        torch.manual_seed(0)
+        encoder = OpenCLIPEncoder(CONFIGS["salamandra-test-tiny-siglip"], feature_layer=-1, activation=activation,
+                                  preprocess_cfg={"mean": 0.5, "std": 0.5, "resize_mode": "squash"})
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in encoder.parameters():
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        return vlm_with(tokenizer, encoder).eval()
+
+    model, erf = build("gelu_tanh"), build(None)
+    assert_same_weights(model, erf)
+    ids = our_prompt(model)
+    pixels = model.preprocess(list(images.values()))
+    logits = our_logits(model, ids, pixels[:1])
+    # The two activations differ in the logits by far more than the tolerance used below.
+    assert (our_logits(erf, ids, pixels[:1]) - logits).abs().max() > 10 * LOGITS_REL * logits.abs().max()
+
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["encoder"]["activation"] == "gelu_tanh"
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.encoder.activation == "gelu_tanh" and loaded.encoder.config() == model.encoder.config()
+    assert_same_weights(model, loaded)
+    assert torch.equal(our_logits(loaded, ids, pixels[:1]), logits)
+
+    out = export_hf_llava(tmp_path / "ckpt", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["vision_config"]["hidden_act"] == "gelu_pytorch_tanh"
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
+    for image in images.values():
+        inputs = hf_inputs(processor, image)
+        assert inputs["input_ids"][0].tolist() == ids
+        with torch.no_grad():
+            theirs = hf(**inputs).logits
+        assert_close_scaled(theirs, our_logits(model, ids, inputs["pixel_values"]), rel=LOGITS_REL)
+    # The tower alone in float64, where the implementations agree to ~1e-15 (see
+    # test_hf_vision_features_equal_ours_tightly) and the other GELU is ~1e-4 away.
+    model64, erf64, hf64 = (copy.deepcopy(m).double() for m in (model, erf, hf))
+    with torch.no_grad():
+        tower = hf64.model.vision_tower(pixels.double(), output_hidden_states=True).hidden_states[-1]
+        ours, other = model64.encoder(pixels.double()), erf64.encoder(pixels.double())
+    assert_close_scaled(tower, ours, rel=1e-9, msg="tower")
+    assert (other - ours).abs().max() > 1e-5 * ours.abs().max()
+
+    back = VisionLanguageModel.from_pretrained(import_hf_llava(out, tmp_path / "back")).eval()
+    assert back.encoder.activation == "gelu_tanh"
+    assert back.encoder.config()["activation"] == "gelu_tanh"
+    assert_same_weights(model, back)
+    assert torch.equal(our_logits(back, ids, pixels[:1]), logits)
 
 
 def test_cli_export_and_import(vlm, tmp_path, capsys):
