@@ -94,10 +94,11 @@ def tokenize_conversation(
     messages: Sequence[Mapping[str, str]],
     tokenizer: Tokenizer,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     add_generation_prompt: bool = False,
 ) -> TokenizedConversation:
-    """BOS + ChatML ids, labels on assistant answers, `<image>` expanded to image placeholders.
+    """BOS + ChatML ids, labels on assistant answers, `<image>` expanded to image placeholders:
+    `num_image_tokens` for every image, or (a sequence) each image's own count, in order.
 
     The whole text is encoded at once (so ids equal what the tokenizer gives for the full prompt,
     as at inference), and labels follow from the character offsets of the tokens.
@@ -119,18 +120,22 @@ def tokenize_conversation(
             spans.append((start, end))
         cursor = end + 1  # the newline after <|im_end|>
 
+    expected = count_images(messages)
+    counts = [num_image_tokens] * expected if isinstance(num_image_tokens, int) else list(num_image_tokens)
+    if len(counts) != expected:
+        raise MarkerMismatch(f"the messages hold {expected} {IMAGE_MARKER} markers but {len(counts)} images were given")
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     input_ids, labels, images = [tokenizer.bos_id], [IGNORE_INDEX], 0
     for token_id, (start, stop) in zip(encoding.ids, encoding.offsets):
         if token_id == image_token_id:
-            input_ids += [image_token_id] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
+            if images < len(counts):
+                input_ids += [image_token_id] * counts[images]
+                labels += [IGNORE_INDEX] * counts[images]
             images += 1
             continue
         learned = any(stop > a and start < b for a, b in spans)
         input_ids.append(token_id)
         labels.append(token_id if learned else IGNORE_INDEX)
-    expected = count_images(messages)
     if images != expected:
         raise ValueError(f"{expected} {IMAGE_MARKER} markers became {images} image tokens")
     return TokenizedConversation(input_ids, labels, images)

@@ -38,6 +38,10 @@ from multimodal import generation
 from multimodal.batch import Batch
 from multimodal.conversation import (IMAGE_MARKER, count_images, messages_from_json, tokenize_conversation,
                                      with_image_markers)
+from multimodal.layouts import FIXED, ImageLayout
+from multimodal.layouts.geometry import Size, anyres_image_tokens
+from multimodal.layouts.inputs import ImageInputs
+from multimodal.layouts.packing import pack_image
 from multimodal.prompts import caption_prompt
 
 FORMAT = "salamandra-vision"
@@ -58,22 +62,27 @@ def _placeholder_run_starts(is_image: torch.Tensor, layout: SeqLayout | None) ->
     return is_image & (~previous | boundary)
 
 
-def _placeholders_match(is_image: torch.Tensor, run_starts: torch.Tensor, images: int, per_image: int) -> torch.Tensor:
-    """A bool tensor, computed without leaving the device: as many runs as images, as many
-    placeholders as images * per_image, and no run longer than per_image (so every run is exactly
-    per_image long)."""
+def _placeholders_match(is_image: torch.Tensor, run_starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A bool tensor, computed without leaving the device: as many runs as images, and run i exactly
+    counts[i] placeholders long (counts: [images], the images' token counts in placeholder order)."""
     is_image, run_starts = is_image.flatten(), run_starts.flatten()
-    seen = torch.cumsum(is_image, 0)  # placeholders up to and including each token
-    # Placeholders before the start of the run a token belongs to (the latest run start so far).
-    before_run = torch.cummax(torch.where(run_starts, seen - 1, 0), 0).values
-    longest_run = torch.where(is_image, seen - before_run, 0).max()
-    return ((seen[-1] == images * per_image) & (run_starts.sum() == images) & (longest_run <= per_image))
+    images = counts.numel()
+    run_of_token = torch.cumsum(run_starts, 0) - 1
+    # Tokens of runs past the last image are counted into the last slot; the run count catches them.
+    slot = run_of_token.clamp(0, max(images - 1, 0))
+    lengths = torch.zeros(max(images, 1), dtype=counts.dtype, device=counts.device)
+    lengths = lengths.scatter_add(0, slot, is_image.to(counts.dtype))[:images]
+    return (run_starts.sum() == images) & (lengths == counts).all()
+
+
+def _describe_counts(counts: Sequence[int]) -> str:
+    return str(counts[0]) if len(set(counts)) == 1 else str(list(counts[:8]))
 
 
 class VisionLanguageModel(nn.Module):
     def __init__(
         self, encoder: OpenCLIPEncoder, projector: nn.Module, decoder: Decoder, tokenizer: Tokenizer,
-        image_token_id: int, loss_chunk_size: int | None = None,
+        image_token_id: int, loss_chunk_size: int | None = None, layout: ImageLayout = FIXED,
     ):
         super().__init__()
         if projector.in_dim != encoder.hidden_size:
@@ -98,11 +107,51 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.loss_chunk_size = loss_chunk_size
+        self.layout = layout
+        if layout.is_anyres:
+            self._check_anyres()
+            # LLaVA-OneVision's learned end-of-row embedding (its initialisation: N(0, 1/d)).
+            width = decoder.config.d_model
+            self.image_newline = nn.Parameter(torch.randn(width) / width**0.5)
+
+    def _check_anyres(self) -> None:
+        tokens = self.encoder.num_tokens
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"the anyres layout needs a square grid of tokens per view; the encoder gives {tokens}")
+        if self.projector.num_output_tokens(tokens) != tokens:
+            raise ValueError("the anyres layout needs a projector that keeps every token (mlp or linear), not "
+                             f"{self.projector.config().get('kind')!r}")
+        self.layout.check_tile(self.encoder.image_size)
 
     @property
     def num_image_tokens(self) -> int:
-        """Decoder tokens per image: the number of placeholders each image needs in a prompt."""
+        """Decoder tokens per image in the fixed layout: the number of placeholders each image needs
+        in a prompt. (In the anyres layout the count depends on the image: image_token_counts.)"""
+        if self.layout.is_anyres:
+            raise ValueError("in the anyres layout an image's token count depends on its size and on the images "
+                             "beside it: use image_token_counts(sizes)")
         return self.projector.num_output_tokens(self.encoder.num_tokens)
+
+    @property
+    def view_side(self) -> int:
+        """Tokens along a side of one view's grid (27 for SigLIP-So400m/14 at 384 px)."""
+        return int(round(self.encoder.num_tokens**0.5))
+
+    def image_token_counts(self, sizes: Sequence[Size]) -> list[int]:
+        """Placeholders each image of one prompt (or sample) needs, given the images' (height, width)."""
+        if not self.layout.is_anyres:
+            return [self.num_image_tokens] * len(sizes)
+        return [anyres_image_tokens(size, self.layout.grid_pinpoints, self.layout.max_tiles, self.view_side,
+                                    self.encoder.image_size, alone=len(sizes) == 1) for size in sizes]
+
+    def _input_token_counts(self, images: torch.Tensor | ImageInputs) -> list[int]:
+        """The token count of each image of a batch's image input (in placeholder order)."""
+        if isinstance(images, ImageInputs):
+            side = self.view_side
+            return [side * side + 1 if views == 1 else self.image_token_counts([size])[0]
+                    for size, views in zip(images.sizes, images.views)]
+        return [self.num_image_tokens] * images.shape[0]
 
     def image_placeholder(self) -> list[int]:
         return [self.image_token_id] * self.num_image_tokens
@@ -116,26 +165,42 @@ class VisionLanguageModel(nn.Module):
                 features = self.encoder(pixels)
         return self.projector(features)
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None, layout: SeqLayout | None = None) -> torch.Tensor:
+    def image_embeddings(self, images: torch.Tensor | ImageInputs) -> torch.Tensor:
+        """[tokens, d_model]: the tokens of every image, in placeholder order. `images` is a
+        [N, 3, H, W] tensor in the fixed layout, ImageInputs in the anyres layout."""
+        if not isinstance(images, ImageInputs):
+            return self.encode_images(images).flatten(0, 1)
+        if not self.layout.is_anyres:
+            raise ValueError("ImageInputs (views and sizes) are for the anyres layout; this model's is fixed")
+        features = self.encode_images(images.pixels)
+        side, tile = self.view_side, self.encoder.image_size
+        packed = [pack_image(views, size, self.layout, side, tile, self.image_newline)
+                  for views, size in zip(features.split(images.views), images.sizes)]
+        return torch.cat(packed)
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | ImageInputs | None,
+              layout: SeqLayout | None = None) -> torch.Tensor:
         """Token embeddings with the image tokens spliced in at the placeholder positions."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        if pixels is not None and pixels.ndim != 4:
+        if isinstance(pixels, torch.Tensor) and pixels.ndim != 4:
             raise ValueError(f"pixels must be [images, 3, height, width], got shape {tuple(pixels.shape)}")
+        if self.layout.is_anyres and isinstance(pixels, torch.Tensor):
+            raise ValueError("this model's layout is anyres: give its images as ImageInputs (model.preprocess)")
         is_image = input_ids == self.image_token_id
-        images = 0 if pixels is None else pixels.shape[0]
-        self._check_placeholders(is_image, images, layout)
+        counts = [] if pixels is None else self._input_token_counts(pixels)
+        self._check_placeholders(is_image, counts, layout)
         embeds = self.decoder.embed(input_ids)
-        if images == 0:
+        if not counts:
             return embeds
-        image_embeds = self.encode_images(pixels).to(embeds.dtype)
+        image_embeds = self.image_embeddings(pixels).to(embeds.dtype)
         # Row-major order of the placeholders is the order of the images.
         return embeds.masked_scatter(is_image[..., None], image_embeds)
 
-    def _check_placeholders(self, is_image: torch.Tensor, images: int, layout: SeqLayout | None) -> None:
-        """Every image is one unbroken run of exactly num_image_tokens placeholders inside one sample,
-        and there are as many runs as images: anything else would put image tokens where they do not
-        belong.
+    def _check_placeholders(self, is_image: torch.Tensor, counts: list[int], layout: SeqLayout | None) -> None:
+        """Every image is one unbroken run of exactly its token count (`counts`, in placeholder
+        order) of placeholders inside one sample, and there are as many runs as images: anything
+        else would put image tokens where they do not belong.
 
         On CPU the check reads the runs back and says what is wrong. On an accelerator, reading
         anything back would make the host wait for the GPU in every training step; there the same
@@ -143,26 +208,29 @@ class VisionLanguageModel(nn.Module):
         which stops the run at the next synchronisation if it fails."""
         run_starts = _placeholder_run_starts(is_image, layout)
         if is_image.device.type != "cpu":
+            expected = torch.tensor(counts, dtype=torch.long).to(is_image.device, non_blocking=True)
             torch._assert_async(
-                _placeholders_match(is_image, run_starts, images, self.num_image_tokens),
-                f"image placeholders do not match the images: expected {images} unbroken runs of "
-                f"{self.num_image_tokens} placeholders within samples (run the batch on CPU for details)",
+                _placeholders_match(is_image, run_starts, expected),
+                f"image placeholders do not match the images: expected {len(counts)} unbroken runs of "
+                f"{_describe_counts(counts)} placeholders within samples (run the batch on CPU for details)",
             )
             return
         run_of_token = torch.cumsum(run_starts.flatten(), 0) - 1
         lengths = torch.bincount(run_of_token[is_image.flatten()]).tolist() if bool(is_image.any()) else []
-        placeholders = sum(lengths)
-        per_image = self.num_image_tokens
-        if placeholders != images * per_image:
-            raise ValueError(
-                f"the batch holds {placeholders} image placeholder tokens "
-                f"({placeholders / per_image:g} images' worth at {per_image} tokens per image) "
-                f"but {images} images were given"
-            )
-        broken = [length for length in lengths if length != per_image]
-        if broken:
-            raise ValueError(f"image placeholders must come in unbroken runs of {per_image} within one sample; "
-                             f"found runs of {broken[:8]}")
+        placeholders, expected = sum(lengths), sum(counts)
+        if placeholders != expected:
+            if not counts:
+                raise ValueError(f"the batch holds {placeholders} image placeholder tokens but 0 images were given")
+            if len(set(counts)) == 1:
+                per_image = counts[0]
+                raise ValueError(
+                    f"the batch holds {placeholders} image placeholder tokens ({placeholders / per_image:g} images' "
+                    f"worth at {per_image} tokens per image) but {len(counts)} images were given")
+            raise ValueError(f"the batch holds {placeholders} image placeholder tokens but its {len(counts)} images "
+                             f"need {expected} ({_describe_counts(counts)} tokens per image)")
+        if lengths != counts:
+            raise ValueError(f"image placeholders must come in unbroken runs of {_describe_counts(counts)} (each "
+                             f"image's token count) within one sample; found runs of {lengths[:8]}")
 
     def forward(self, batch: Batch, return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(loss, logits). The loss (mean over labelled next-token targets) is computed without full
@@ -194,11 +262,20 @@ class VisionLanguageModel(nn.Module):
             self.__dict__["_image_transform"] = transform
         return transform
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
-        """[N, 3, S, S] pixels for `images` (None for no images), on the encoder's device and dtype."""
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | ImageInputs | None:
+        """The encoder's input for the images of one prompt (None for no images), on the encoder's
+        device and dtype: [N, 3, S, S] pixels in the fixed layout; in the anyres layout ImageInputs,
+        tiles for an image alone, one padded view each for several."""
         if len(images) == 0:
             return None
         weight = next(self.encoder.parameters())
+        if self.layout.is_anyres:
+            from multimodal.layouts.views import sample_views
+
+            views = sample_views(images, self.layout, self.encoder.image_size, self.encoder.mean, self.encoder.std)
+            inputs = ImageInputs(torch.cat(views), [(image.height, image.width) for image in images],
+                                 [len(v) for v in views])
+            return inputs.to(weight.device, weight.dtype)
         return torch.stack([self.image_transform(image) for image in images]).to(weight.device, weight.dtype)
 
     def generate(
@@ -231,12 +308,15 @@ class VisionLanguageModel(nn.Module):
         # custom prompt may place the image marker itself.
         content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
         messages = [{"role": "user", "content": content}]
-        ids = self._prompt_ids(messages)
         config = generation.generation_config(**generation_options)
         captions = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            new_ids = generation.generate(self, [ids] * len(chunk), self.preprocess(chunk), config)
+            # Each image is alone in its prompt: its own views, and its own token count (anyres).
+            prompts = [self._prompt_ids(messages, [image]) for image in chunk]
+            pixels = self.preprocess(chunk) if not self.layout.is_anyres else ImageInputs.cat(
+                [self.preprocess([image]) for image in chunk])
+            new_ids = generation.generate(self, prompts, pixels, config)
             captions += [generation.GeneratedText(self.tokenizer.decode(i), i.finish_reason) for i in new_ids]
         return captions[0] if single else captions
 
@@ -265,8 +345,12 @@ class VisionLanguageModel(nn.Module):
         ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens)
         return generation.TextStream(self, ids, pixels, config, dropped)
 
-    def _prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        return tokenize_conversation(messages, self.tokenizer, self.image_token_id, self.num_image_tokens,
+    def _prompt_ids(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image.Image] | None = None) -> list[int]:
+        """Prompt ids, each image marker expanded to its image's count (in the fixed layout every image
+        has the same, and `images` may be left out)."""
+        counts = (self.num_image_tokens if images is None
+                  else self.image_token_counts([(image.height, image.width) for image in images]))
+        return tokenize_conversation(messages, self.tokenizer, self.image_token_id, counts,
                                      add_generation_prompt=True).input_ids
 
     def _chat_inputs(
@@ -290,7 +374,7 @@ class VisionLanguageModel(nn.Module):
         messages = messages_from_json({"conversations" if llava else "messages": messages})
         if messages[-1]["role"] == "assistant":
             raise ValueError("the last message is the assistant's; chat answers a user (or system) message")
-        ids = self._prompt_ids(with_image_markers(messages, len(images)))  # also checks markers against images
+        ids = self._prompt_ids(with_image_markers(messages, len(images)), images)  # also checks markers against images
         limit = self.decoder.config.max_seq_len
         # A quarter at most: a max_new_tokens near the context's length would otherwise cost a
         # short context (the demo's is 256) every earlier turn.
@@ -304,9 +388,10 @@ class VisionLanguageModel(nn.Module):
             kept = messages[:system] + messages[start:]
             if marked:
                 kept_images = images[:system_images] + images[count_images(messages[:start]):]
-            ids = self._prompt_ids(with_image_markers(kept, len(kept_images)))
+            ids = self._prompt_ids(with_image_markers(kept, len(kept_images)), kept_images)
         if len(ids) >= limit:
-            with_images = f" with {len(kept_images)} images of {self.num_image_tokens} tokens" if kept_images else ""
+            counts = self.image_token_counts([(image.height, image.width) for image in kept_images])
+            with_images = f" with {len(kept_images)} images of {_describe_counts(counts)} tokens" if kept_images else ""
             dropped = f", the {start - system} messages before it dropped" if start > system else ""
             raise ValueError(
                 f"the chat's prompt (system messages and the latest user message{with_images}{dropped}) has "
@@ -323,6 +408,7 @@ class VisionLanguageModel(nn.Module):
             "projector": self.projector.config(),
             "decoder": self.decoder.config.to_dict(),
             "image_token_id": self.image_token_id,
+            "layout": self.layout.to_dict(),
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -359,6 +445,7 @@ class VisionLanguageModel(nn.Module):
                 Decoder(LMConfig.from_dict(config["decoder"])),
                 load_tokenizer(directory),
                 config["image_token_id"],
+                layout=ImageLayout.from_dict(config.get("layout")),  # absent before the anyres layout: fixed
             )
         state = load_file(str(directory / WEIGHTS_FILE))
         if model.decoder.config.tie_embeddings:

@@ -65,7 +65,7 @@ def test_placeholder_runs_must_be_whole_images_within_one_sample(vlm):
     start = one.index(vlm.image_token_id)
     split = one[:start + 8] + [200] + one[start + 8:start + 16] + one[start + 16:]  # a run broken by text
     pixels = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"unbroken runs of 16 within one sample; found runs of \[8, 8\]"):
+    with pytest.raises(ValueError, match=r"unbroken runs of 16 .each image.s token count. within one sample; found runs of \[8, 8\]"):
         vlm(Batch(torch.tensor([split]), pixels=pixels))
     # 1.5 images' worth in one row and 0.5 in the other add up to 2 but are no images at all.
     rows = [one[:start] + vlm.image_placeholder() + [vlm.image_token_id] * 8 + [201] * 8,
