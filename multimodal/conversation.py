@@ -17,6 +17,7 @@ from lm.tokenizer import Tokenizer, format_chatml
 from multimodal.prompts import caption_prompt
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"  # a video, in models with a video token (the anyres layout)
 # LLaVA's `conversations` speak of "human" and "gpt".
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -48,8 +49,8 @@ def messages_from_json(record: Mapping[str, Any]) -> list[dict[str, str]]:
             raise ValueError(f"turn {index} has unknown role {turn[role_key]!r}")
         content = turn[content_key]
         if isinstance(content, list):  # multimodal parts, in order
-            content = "".join(IMAGE_MARKER if part.get("type") == "image" else str(part.get("text", ""))
-                              for part in content)
+            markers = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
+            content = "".join(markers.get(part.get("type"), str(part.get("text", ""))) for part in content)
         if not isinstance(content, str):
             raise ValueError(f"turn {index} content is a {type(content).__name__}, not text")
         messages.append({"role": role, "content": content})
@@ -64,29 +65,32 @@ def caption_messages(caption: str, language: str, rng: random.Random | None = No
     ]
 
 
-def count_images(messages: Sequence[Mapping[str, str]]) -> int:
-    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+def count_images(messages: Sequence[Mapping[str, str]], marker: str = IMAGE_MARKER) -> int:
+    """The `<image>` markers of `messages` (or other markers: VIDEO_MARKER)."""
+    return sum(m["content"].count(marker) for m in messages)
 
 
 class MarkerMismatch(ValueError):
     """The `<image>` markers of a conversation do not match its images."""
 
 
-def with_image_markers(messages: Sequence[Mapping[str, str]], num_images: int) -> list[dict[str, str]]:
+def with_image_markers(messages: Sequence[Mapping[str, str]], num_images: int,
+                       marker: str = IMAGE_MARKER) -> list[dict[str, str]]:
     """Check the `<image>` markers against the images. A conversation that has images but no marker
     at all gets them at the start of its first user turn (LLaVA's convention). Training data and
     inference both go through here, so the model sees images where it learned to.
 
     Raises MarkerMismatch when the counts differ, ValueError when there is no user turn."""
     messages = [dict(m) for m in messages]
-    markers = count_images(messages)
+    markers = count_images(messages, marker)
+    what = marker.strip("<>")
     if markers == 0 and num_images > 0:
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
         if first_user is None:
-            raise ValueError(f"{num_images} images but no user turn to put them in")
-        messages[first_user]["content"] = f"{IMAGE_MARKER}\n" * num_images + messages[first_user]["content"]
+            raise ValueError(f"{num_images} {what}s but no user turn to put them in")
+        messages[first_user]["content"] = f"{marker}\n" * num_images + messages[first_user]["content"]
     elif markers != num_images:
-        raise MarkerMismatch(f"the messages hold {markers} {IMAGE_MARKER} markers but {num_images} images were given")
+        raise MarkerMismatch(f"the messages hold {markers} {marker} markers but {num_images} {what}s were given")
     return messages
 
 
@@ -96,18 +100,29 @@ def tokenize_conversation(
     image_token_id: int,
     num_image_tokens: int | Sequence[int],
     add_generation_prompt: bool = False,
+    video_token_id: int | None = None,
+    video_token_counts: Sequence[int] = (),
 ) -> TokenizedConversation:
     """BOS + ChatML ids, labels on assistant answers, `<image>` expanded to image placeholders:
-    `num_image_tokens` for every image, or (a sequence) each image's own count, in order.
+    `num_image_tokens` for every image, or (a sequence) each image's own count, in order; and
+    `<video>` to `video_token_id` placeholders, each video's count in `video_token_counts`.
 
     The whole text is encoded at once (so ids equal what the tokenizer gives for the full prompt,
     as at inference), and labels follow from the character offsets of the tokens.
     """
     image_token = tokenizer.id_to_token(image_token_id)
+    video_token = None if video_token_id is None else tokenizer.id_to_token(video_token_id)
     for index, message in enumerate(messages):
-        if image_token in str(message.get("content", "")):
-            raise ValueError(f"message {index} contains the image placeholder token {image_token!r} as text")
+        for what, token in (("image", image_token), ("video", video_token)):
+            if token is not None and token in str(message.get("content", "")):
+                raise ValueError(f"message {index} contains the {what} placeholder token {token!r} as text")
+    videos = count_images(messages, VIDEO_MARKER) if video_token is not None else 0
+    if len(video_token_counts) != videos:
+        raise MarkerMismatch(f"the messages hold {videos} {VIDEO_MARKER} markers but {len(video_token_counts)} "
+                             "videos were given")
     with_images = [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)} for m in messages]
+    if video_token is not None:
+        with_images = [{**m, "content": m["content"].replace(VIDEO_MARKER, video_token)} for m in with_images]
     text = format_chatml(with_images, add_generation_prompt=add_generation_prompt)
 
     # Character spans of what is learned: each assistant content and its <|im_end|>.
@@ -125,8 +140,13 @@ def tokenize_conversation(
     if len(counts) != expected:
         raise MarkerMismatch(f"the messages hold {expected} {IMAGE_MARKER} markers but {len(counts)} images were given")
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    input_ids, labels, images = [tokenizer.bos_id], [IGNORE_INDEX], 0
+    input_ids, labels, images, video = [tokenizer.bos_id], [IGNORE_INDEX], 0, 0
     for token_id, (start, stop) in zip(encoding.ids, encoding.offsets):
+        if video_token is not None and token_id == video_token_id:
+            input_ids += [video_token_id] * video_token_counts[video]
+            labels += [IGNORE_INDEX] * video_token_counts[video]
+            video += 1
+            continue
         if token_id == image_token_id:
             if images < len(counts):
                 input_ids += [image_token_id] * counts[images]

@@ -36,12 +36,13 @@ from lm.loss import chunked_cross_entropy, count_labelled, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
 from multimodal.batch import Batch
-from multimodal.conversation import (IMAGE_MARKER, count_images, messages_from_json, tokenize_conversation,
-                                     with_image_markers)
+from multimodal.conversation import (IMAGE_MARKER, VIDEO_MARKER, count_images, messages_from_json,
+                                     tokenize_conversation, with_image_markers)
 from multimodal.layouts import FIXED, ImageLayout
-from multimodal.layouts.geometry import Size, anyres_image_tokens
+from multimodal.layouts.geometry import Size, anyres_image_tokens, video_token_count
 from multimodal.layouts.inputs import ImageInputs
-from multimodal.layouts.packing import pack_image
+from multimodal.layouts.packing import pack_image, pack_video
+from multimodal.layouts.views import sample_views, video_views
 from multimodal.prompts import caption_prompt
 
 FORMAT = "salamandra-vision"
@@ -75,6 +76,18 @@ def _placeholders_match(is_image: torch.Tensor, run_starts: torch.Tensor, counts
     return (run_starts.sum() == images) & (lengths == counts).all()
 
 
+def _check_placeholder_token(name: str, token_id: int, tokenizer: Tokenizer, vocab_size: int) -> None:
+    if not 0 <= token_id < vocab_size:
+        raise ValueError(f"{name} {token_id} is outside the vocabulary (0..{vocab_size - 1})")
+    text_specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id,
+                     tokenizer.im_start_id, tokenizer.im_end_id}
+    added = tokenizer.backend.get_added_tokens_decoder()
+    if token_id in text_specials or not (token_id in added and added[token_id].special):
+        # An ordinary piece (a word, a byte) also occurs in text, where it would be taken for an image.
+        raise ValueError(f"{name} {token_id} ({tokenizer.id_to_token(token_id)}) is not a free control token; "
+                         "use a reserved one, e.g. tokenizer.reserved_token_id(1)")
+
+
 def _describe_counts(counts: Sequence[int]) -> str:
     return str(counts[0]) if len(set(counts)) == 1 else str(list(counts[:8]))
 
@@ -83,29 +96,29 @@ class VisionLanguageModel(nn.Module):
     def __init__(
         self, encoder: OpenCLIPEncoder, projector: nn.Module, decoder: Decoder, tokenizer: Tokenizer,
         image_token_id: int, loss_chunk_size: int | None = None, layout: ImageLayout = FIXED,
+        video_token_id: int | None = None,
     ):
         super().__init__()
         if projector.in_dim != encoder.hidden_size:
             raise ValueError(f"projector input width {projector.in_dim} != encoder width {encoder.hidden_size}")
         if projector.out_dim != decoder.config.d_model:
             raise ValueError(f"projector output width {projector.out_dim} != decoder width {decoder.config.d_model}")
-        if not 0 <= image_token_id < decoder.config.vocab_size:
-            raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (0..{decoder.config.vocab_size - 1})")
         if tokenizer.vocab_size > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the decoder's vocabulary is "
                              f"{decoder.config.vocab_size}")
-        text_specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id,
-                         tokenizer.im_start_id, tokenizer.im_end_id}
-        added = tokenizer.backend.get_added_tokens_decoder()
-        if image_token_id in text_specials or not (image_token_id in added and added[image_token_id].special):
-            # An ordinary piece (a word, a byte) also occurs in text, where it would be taken for an image.
-            raise ValueError(f"image_token_id {image_token_id} ({tokenizer.id_to_token(image_token_id)}) is not a free "
-                             "control token; use a reserved one, e.g. tokenizer.reserved_token_id(1)")
+        _check_placeholder_token("image_token_id", image_token_id, tokenizer, decoder.config.vocab_size)
+        if video_token_id is not None:
+            _check_placeholder_token("video_token_id", video_token_id, tokenizer, decoder.config.vocab_size)
+            if video_token_id == image_token_id:
+                raise ValueError(f"video_token_id and image_token_id are the same token ({image_token_id})")
+            if not layout.is_anyres:
+                raise ValueError("videos need the anyres layout (OneVision's pooled frames); this model's is fixed")
         self.encoder = encoder
         self.projector = projector
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
         self.loss_chunk_size = loss_chunk_size
         self.layout = layout
         if layout.is_anyres:
@@ -170,34 +183,52 @@ class VisionLanguageModel(nn.Module):
         [N, 3, H, W] tensor in the fixed layout, ImageInputs in the anyres layout."""
         if not isinstance(images, ImageInputs):
             return self.encode_images(images).flatten(0, 1)
-        if not self.layout.is_anyres:
-            raise ValueError("ImageInputs (views and sizes) are for the anyres layout; this model's is fixed")
         features = self.encode_images(images.pixels)
         side, tile = self.view_side, self.encoder.image_size
         packed = [pack_image(views, size, self.layout, side, tile, self.image_newline)
                   for views, size in zip(features.split(images.views), images.sizes)]
         return torch.cat(packed)
 
+    def video_embeddings(self, inputs: ImageInputs) -> torch.Tensor:
+        """[tokens, d_model]: the tokens of every video of `inputs`, in placeholder order."""
+        features = self.encode_images(inputs.frames)
+        return torch.cat([pack_video(frames, self.view_side, self.image_newline)
+                          for frames in features.split(inputs.frames_per_video)])
+
+    def video_token_counts(self, frames_per_video: Sequence[int]) -> list[int]:
+        """Placeholders each video needs: its frames' pooled grids and one newline."""
+        return [video_token_count(frames, self.view_side) for frames in frames_per_video]
+
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | ImageInputs | None,
               layout: SeqLayout | None = None) -> torch.Tensor:
-        """Token embeddings with the image tokens spliced in at the placeholder positions."""
+        """Token embeddings with the image (and video) tokens spliced in at the placeholder positions."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         if isinstance(pixels, torch.Tensor) and pixels.ndim != 4:
             raise ValueError(f"pixels must be [images, 3, height, width], got shape {tuple(pixels.shape)}")
-        if self.layout.is_anyres and isinstance(pixels, torch.Tensor):
-            raise ValueError("this model's layout is anyres: give its images as ImageInputs (model.preprocess)")
+        if pixels is not None and self.layout.is_anyres == isinstance(pixels, torch.Tensor):
+            raise ValueError(f"this model's layout is {self.layout.kind}: give its images as "
+                             + ("ImageInputs (model.preprocess)" if self.layout.is_anyres else "a [N, 3, H, W] tensor"))
         is_image = input_ids == self.image_token_id
         counts = [] if pixels is None else self._input_token_counts(pixels)
         self._check_placeholders(is_image, counts, layout)
+        videos = pixels.frames_per_video if isinstance(pixels, ImageInputs) else []
+        is_video = None
+        if self.video_token_id is not None:
+            is_video = input_ids == self.video_token_id
+            self._check_placeholders(is_video, self.video_token_counts(videos), layout, what="video")
+        elif videos:
+            raise ValueError("videos were given but this model has no video token (video_token_id)")
         embeds = self.decoder.embed(input_ids)
-        if not counts:
-            return embeds
-        image_embeds = self.image_embeddings(pixels).to(embeds.dtype)
-        # Row-major order of the placeholders is the order of the images.
-        return embeds.masked_scatter(is_image[..., None], image_embeds)
+        if counts:
+            # Row-major order of the placeholders is the order of the images.
+            embeds = embeds.masked_scatter(is_image[..., None], self.image_embeddings(pixels).to(embeds.dtype))
+        if videos:
+            embeds = embeds.masked_scatter(is_video[..., None], self.video_embeddings(pixels).to(embeds.dtype))
+        return embeds
 
-    def _check_placeholders(self, is_image: torch.Tensor, counts: list[int], layout: SeqLayout | None) -> None:
+    def _check_placeholders(self, is_image: torch.Tensor, counts: list[int], layout: SeqLayout | None,
+                            what: str = "image") -> None:
         """Every image is one unbroken run of exactly its token count (`counts`, in placeholder
         order) of placeholders inside one sample, and there are as many runs as images: anything
         else would put image tokens where they do not belong.
@@ -211,7 +242,7 @@ class VisionLanguageModel(nn.Module):
             expected = torch.tensor(counts, dtype=torch.long).to(is_image.device, non_blocking=True)
             torch._assert_async(
                 _placeholders_match(is_image, run_starts, expected),
-                f"image placeholders do not match the images: expected {len(counts)} unbroken runs of "
+                f"{what} placeholders do not match the {what}s: expected {len(counts)} unbroken runs of "
                 f"{_describe_counts(counts)} placeholders within samples (run the batch on CPU for details)",
             )
             return
@@ -220,17 +251,17 @@ class VisionLanguageModel(nn.Module):
         placeholders, expected = sum(lengths), sum(counts)
         if placeholders != expected:
             if not counts:
-                raise ValueError(f"the batch holds {placeholders} image placeholder tokens but 0 images were given")
+                raise ValueError(f"the batch holds {placeholders} {what} placeholder tokens but 0 {what}s were given")
             if len(set(counts)) == 1:
                 per_image = counts[0]
                 raise ValueError(
-                    f"the batch holds {placeholders} image placeholder tokens ({placeholders / per_image:g} images' "
-                    f"worth at {per_image} tokens per image) but {len(counts)} images were given")
-            raise ValueError(f"the batch holds {placeholders} image placeholder tokens but its {len(counts)} images "
-                             f"need {expected} ({_describe_counts(counts)} tokens per image)")
+                    f"the batch holds {placeholders} {what} placeholder tokens ({placeholders / per_image:g} {what}s' "
+                    f"worth at {per_image} tokens per {what}) but {len(counts)} {what}s were given")
+            raise ValueError(f"the batch holds {placeholders} {what} placeholder tokens but its {len(counts)} {what}s "
+                             f"need {expected} ({_describe_counts(counts)} tokens per {what})")
         if lengths != counts:
-            raise ValueError(f"image placeholders must come in unbroken runs of {_describe_counts(counts)} (each "
-                             f"image's token count) within one sample; found runs of {lengths[:8]}")
+            raise ValueError(f"{what} placeholders must come in unbroken runs of {_describe_counts(counts)} (each "
+                             f"{what}'s token count) within one sample; found runs of {lengths[:8]}")
 
     def forward(self, batch: Batch, return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(loss, logits). The loss (mean over labelled next-token targets) is computed without full
@@ -262,21 +293,28 @@ class VisionLanguageModel(nn.Module):
             self.__dict__["_image_transform"] = transform
         return transform
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | ImageInputs | None:
-        """The encoder's input for the images of one prompt (None for no images), on the encoder's
-        device and dtype: [N, 3, S, S] pixels in the fixed layout; in the anyres layout ImageInputs,
-        tiles for an image alone, one padded view each for several."""
-        if len(images) == 0:
+    def preprocess(self, images: Sequence[Image.Image],
+                   videos: Sequence[Sequence[Image.Image]] = ()) -> torch.Tensor | ImageInputs | None:
+        """The encoder's input for the images (and videos: each a list of frames) of one prompt
+        (None for none), on the encoder's device and dtype: [N, 3, S, S] pixels in the fixed layout;
+        in the anyres layout ImageInputs, tiles for an image alone, one padded view each for several,
+        every video frame squashed to one view."""
+        if len(images) == 0 and len(videos) == 0:
             return None
         weight = next(self.encoder.parameters())
-        if self.layout.is_anyres:
-            from multimodal.layouts.views import sample_views
-
-            views = sample_views(images, self.layout, self.encoder.image_size, self.encoder.mean, self.encoder.std)
-            inputs = ImageInputs(torch.cat(views), [(image.height, image.width) for image in images],
-                                 [len(v) for v in views])
-            return inputs.to(weight.device, weight.dtype)
-        return torch.stack([self.image_transform(image) for image in images]).to(weight.device, weight.dtype)
+        if not self.layout.is_anyres:
+            if videos:
+                raise ValueError("videos need the anyres layout and a video token; this model's layout is fixed")
+            return torch.stack([self.image_transform(image) for image in images]).to(weight.device, weight.dtype)
+        if videos and self.video_token_id is None:
+            raise ValueError("videos were given but this model has no video token (video_token_id)")
+        tile, mean, std = self.encoder.image_size, self.encoder.mean, self.encoder.std
+        views = sample_views(images, self.layout, tile, mean, std)
+        frames = [video_views(video, tile, mean, std) for video in videos]
+        inputs = ImageInputs(torch.cat(views) if views else torch.zeros(0, 3, tile, tile),
+                             [(image.height, image.width) for image in images], [len(v) for v in views],
+                             torch.cat(frames) if frames else None, [len(f) for f in frames])
+        return inputs.to(weight.device, weight.dtype)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
@@ -322,41 +360,45 @@ class VisionLanguageModel(nn.Module):
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
-        **generation_options: Any,
+        videos: Sequence[Sequence[Image.Image]] | None = None, **generation_options: Any,
     ) -> generation.GeneratedText:
         """The assistant's answer to `messages` ({"role", "content"} dicts; `<image>` in a content
         marks where each of `images` goes, in order; without markers the images go at the start of
         the first user turn), a str with its `finish_reason` ("stop", "length" or "context").
+        `videos` (each a list of frames; models with a video token) go where `<video>` markers say,
+        or after the images at the start of the first user turn.
 
         A chat too long for the decoder's context loses its oldest exchanges (see `_chat_inputs`);
         the answer's `dropped_messages` says how many messages, after the leading system messages."""
         config = generation.generation_config(**generation_options)
-        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens)
+        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens, videos)
         new_ids = generation.generate(self, [ids], pixels, config)[0]
         return generation.GeneratedText(self.tokenizer.decode(new_ids), new_ids.finish_reason, dropped)
 
     def stream_chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
-        **generation_options: Any,
+        videos: Sequence[Sequence[Image.Image]] | None = None, **generation_options: Any,
     ) -> generation.TextStream:
         """`chat`, as text pieces while they are generated; joined they equal `chat`'s answer. The
         stream's `dropped_messages` is set from the start, its `finish_reason` once it is exhausted."""
         config = generation.generation_config(**generation_options)
-        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens)
+        ids, pixels, dropped = self._chat_inputs(messages, images, config.max_new_tokens, videos)
         return generation.TextStream(self, ids, pixels, config, dropped)
 
-    def _prompt_ids(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image.Image] | None = None) -> list[int]:
-        """Prompt ids, each image marker expanded to its image's count (in the fixed layout every image
-        has the same, and `images` may be left out)."""
+    def _prompt_ids(self, messages: Sequence[Mapping[str, str]], images: Sequence[Image.Image] | None = None,
+                    videos: Sequence[Sequence[Image.Image]] = ()) -> list[int]:
+        """Prompt ids, each image (video) marker expanded to its image's (video's) count; in the fixed
+        layout every image has the same count, and `images` may be left out."""
         counts = (self.num_image_tokens if images is None
                   else self.image_token_counts([(image.height, image.width) for image in images]))
-        return tokenize_conversation(messages, self.tokenizer, self.image_token_id, counts,
-                                     add_generation_prompt=True).input_ids
+        return tokenize_conversation(messages, self.tokenizer, self.image_token_id, counts, add_generation_prompt=True,
+                                     video_token_id=self.video_token_id,
+                                     video_token_counts=self.video_token_counts([len(v) for v in videos])).input_ids
 
     def _chat_inputs(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None,
-        max_new_tokens: int,
-    ) -> tuple[list[int], torch.Tensor | None, int]:
+        max_new_tokens: int, videos: Sequence[Sequence[Image.Image]] | None = None,
+    ) -> tuple[list[int], torch.Tensor | ImageInputs | None, int]:
         """Prompt ids and pixels of a chat, and how many messages were dropped to fit the context.
 
         When the prompt leaves the answer less room than max_new_tokens or a quarter of the
@@ -364,17 +406,22 @@ class VisionLanguageModel(nn.Module):
         message and the messages after it up to the next one) go, one at a time, after the leading
         system messages and never the latest user message. Images placed without markers go with
         the first user message kept; an image marked in a dropped message goes with it. A prompt that
-        still fills the whole context is refused, with what to shorten."""
+        still fills the whole context is refused, with what to shorten. (A chat with videos is not
+        shortened: one too long is refused.)"""
         if isinstance(images, Image.Image):
             images = [images]
-        images = list(images or [])
+        images, videos = list(images or []), [list(video) for video in videos or []]
+        if videos and self.video_token_id is None:
+            raise ValueError("videos were given but this model has no video token (video_token_id)")
         # Also accepts LLaVA roles (human / gpt) and content given as a list of text / image parts.
         messages = list(messages)
         llava = bool(messages) and isinstance(messages[0], Mapping) and "from" in messages[0]
         messages = messages_from_json({"conversations" if llava else "messages": messages})
         if messages[-1]["role"] == "assistant":
             raise ValueError("the last message is the assistant's; chat answers a user (or system) message")
-        ids = self._prompt_ids(with_image_markers(messages, len(images)), images)  # also checks markers against images
+        if videos:  # before the images' markers, so that images come first, as in OneVision's template
+            messages = with_image_markers(messages, len(videos), VIDEO_MARKER)
+        ids = self._prompt_ids(with_image_markers(messages, len(images)), images, videos)  # checks the markers too
         limit = self.decoder.config.max_seq_len
         # A quarter at most: a max_new_tokens near the context's length would otherwise cost a
         # short context (the demo's is 256) every earlier turn.
@@ -383,7 +430,7 @@ class VisionLanguageModel(nn.Module):
         latest = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=system)
         start, kept_images = system, images
         marked, system_images = count_images(messages), count_images(messages[:system])
-        while len(ids) + room > limit and start < latest:
+        while len(ids) + room > limit and start < latest and not videos:
             start = next(i for i in range(start + 1, latest + 1) if messages[i]["role"] == "user")
             kept = messages[:system] + messages[start:]
             if marked:
@@ -398,7 +445,7 @@ class VisionLanguageModel(nn.Module):
                 f"{len(ids)} tokens and fills the decoder's context of {limit} tokens (max_seq_len), leaving no "
                 "room for an answer: shorten the latest message or the system messages, or send fewer images"
             )
-        return ids, self.preprocess(kept_images), start - system
+        return ids, self.preprocess(kept_images, videos), start - system
 
     def config(self) -> dict:
         return {
@@ -409,6 +456,7 @@ class VisionLanguageModel(nn.Module):
             "decoder": self.decoder.config.to_dict(),
             "image_token_id": self.image_token_id,
             "layout": self.layout.to_dict(),
+            "video_token_id": self.video_token_id,
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -446,6 +494,7 @@ class VisionLanguageModel(nn.Module):
                 load_tokenizer(directory),
                 config["image_token_id"],
                 layout=ImageLayout.from_dict(config.get("layout")),  # absent before the anyres layout: fixed
+                video_token_id=config.get("video_token_id"),
             )
         state = load_file(str(directory / WEIGHTS_FILE))
         if model.decoder.config.tie_embeddings:
