@@ -70,10 +70,15 @@ PROJECTOR_PREFIX = "multi_modal_projector."
 LANGUAGE_PREFIX = "language_model."
 
 
-def llava_chat_template(image_token: str) -> str:
+def llava_chat_template(image_token: str, video_token: str | None = None) -> str:
     """ChatML that also takes LLaVA-style content lists: every `{"type": "image"}` part becomes the
-    image token and a newline, images first, then the text parts (LLaVA's convention, and what
+    image token and a newline, images first, then (with a `video_token`) every `{"type": "video"}`
+    part, then the text parts (LLaVA's and OneVision's convention, and what
     `VisionLanguageModel.caption` / `chat` send). A plain-string content is used as is."""
+    videos = "" if video_token is None else (
+        "{%- for part in message['content'] if part['type'] == 'video' -%}"
+        "{{- '" + video_token + "\\n' -}}"
+        "{%- endfor -%}")
     return (
         "{%- for message in messages -%}"
         "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
@@ -82,6 +87,7 @@ def llava_chat_template(image_token: str) -> str:
         "{%- for part in message['content'] if part['type'] == 'image' -%}"
         "{{- '" + image_token + "\\n' -}}"
         "{%- endfor -%}"
+        + videos +
         "{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}"
         "{%- endif -%}"
         "{{- '<|im_end|>\\n' -}}"
