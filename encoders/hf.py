@@ -342,8 +342,11 @@ def read_image_processor_config(directory: str | Path) -> dict[str, Any]:
 def _preprocess_from_hf(processor: Mapping[str, Any], image_size: int) -> dict[str, Any]:
     """Our preprocess_cfg from a CLIP / SigLIP image-processor config, or ValueError."""
     kind = processor.get("image_processor_type", "")
-    if not kind.removesuffix("Fast").removesuffix("Pil") in ("CLIPImageProcessor", "SiglipImageProcessor"):
-        raise ValueError(f"image processor {kind!r}: only CLIPImageProcessor and SiglipImageProcessor are supported")
+    # LLaVA-OneVision's processor: its tiling belongs to the model's layout (multimodal.layouts), each
+    # view is a direct resize to the tower's size with its mean and std.
+    supported = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaOnevisionImageProcessor")
+    if not kind.removesuffix("Fast").removesuffix("Pil") in supported:
+        raise ValueError(f"image processor {kind!r}: only {', '.join(supported)} are supported")
     for flag in ("do_resize", "do_rescale", "do_normalize"):
         if not processor.get(flag, True):
             raise ValueError(f"image processor option {flag}=False has no equivalent in our preprocessing")

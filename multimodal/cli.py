@@ -7,7 +7,9 @@
   salamandra-vl chat --checkpoint DIR [--image IMG]       interactive chat, streamed answers
   salamandra-vl info DIR                                  what a saved checkpoint holds
   salamandra-vl export --to hf-llava CHECKPOINT OUT       write a Hugging Face LLaVA directory
+                       (--to hf-llava-onevision: LLaVA-OneVision, for models in the anyres layout)
   salamandra-vl import --from hf-llava DIR OUT            read one back into our format
+                       (--from hf-llava-onevision)
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ def describe_checkpoint(directory: str) -> dict:
         "max_seq_len": model.decoder.config.max_seq_len,
         "image_token_id": model.image_token_id,
         "image_token": model.tokenizer.id_to_token(model.image_token_id),
-        "tokens_per_image": model.num_image_tokens,
+        "layout": model.layout.kind,
+        **({"tokens_per_image": model.num_image_tokens} if not model.layout.is_anyres else {
+            "tokens_per_view": model.view_side ** 2, "max_tiles": model.layout.max_tiles,
+            "grid_pinpoints": len(model.layout.grid_pinpoints),
+            # Examples from LLaVA-OneVision's processor arithmetic (layouts/geometry.py).
+            "tokens_per_image_480x640": model.image_token_counts([(480, 640)])[0],
+            "tokens_per_image_among_several": model.image_token_counts([(480, 640)] * 2)[0],
+            "video_token_id": model.video_token_id,
+            "tokens_per_video_frame": model.video_token_counts([1])[0] - 1,
+        }),
         "parameters": {
             name: sum(p.numel() for p in getattr(model, name).parameters())
             for name in ("encoder", "projector", "decoder")
@@ -173,16 +184,19 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from multimodal.export import export_hf_llava
-
-    print(export_hf_llava(args.checkpoint, args.out))
+    if args.target == "hf-llava-onevision":
+        from multimodal.export_onevision import export_hf_llava_onevision as export
+    else:
+        from multimodal.export import export_hf_llava as export
+    print(export(args.checkpoint, args.out))
     return 0
 
 
 def import_command(args: argparse.Namespace) -> int:
     from multimodal.export import import_hf_llava
 
-    print(import_hf_llava(args.hf_dir, args.out, timm_model_name=args.timm_model))
+    model_type = "llava_onevision" if args.source == "hf-llava-onevision" else "llava"
+    print(import_hf_llava(args.hf_dir, args.out, timm_model_name=args.timm_model, model_type=model_type))
     return 0
 
 
@@ -245,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Hugging Face's default (torchvision) image processor may round a resized pixel a level or two "
                "away from ours; AutoProcessor.from_pretrained(OUT, backend='pil') matches ours bit for bit.",
     )
-    export.add_argument("--to", required=True, choices=["hf-llava"], dest="target",
-                        help="target format: hf-llava (transformers' LlavaForConditionalGeneration)")
+    export.add_argument("--to", required=True, choices=["hf-llava", "hf-llava-onevision"], dest="target",
+                        help="target format: hf-llava (transformers' LlavaForConditionalGeneration; the fixed "
+                             "layout) or hf-llava-onevision (LlavaOnevisionForConditionalGeneration; the anyres "
+                             "layout)")
     export.add_argument("checkpoint", help="directory written by save_pretrained (or the demo)")
     export.add_argument("out", help="output directory (new or empty)")
     export.set_defaults(run=export_command)
@@ -257,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenizer) and write it in the save_pretrained format that caption, chat and "
                     "VisionLanguageModel.from_pretrained read.",
     )
-    import_.add_argument("--from", required=True, choices=["hf-llava"], dest="source",
-                         help="source format: hf-llava (transformers' LlavaForConditionalGeneration)")
+    import_.add_argument("--from", required=True, choices=["hf-llava", "hf-llava-onevision"], dest="source",
+                         help="source format: hf-llava (transformers' LlavaForConditionalGeneration) or "
+                              "hf-llava-onevision (LlavaOnevisionForConditionalGeneration, e.g. salamandra-7b-vision)")
     import_.add_argument("--timm-model", default=None,
                          help="SigLIP towers only: the registered timm model with the tower's architecture "
                               "(default: the first timm '*siglip*' model that matches)")

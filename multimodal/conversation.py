@@ -113,8 +113,10 @@ def tokenize_conversation(
     image_token = tokenizer.id_to_token(image_token_id)
     video_token = None if video_token_id is None else tokenizer.id_to_token(video_token_id)
     for index, message in enumerate(messages):
+        # The markers aside: a converted model's placeholder may be the marker itself ("<image>").
+        content = str(message.get("content", "")).replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "")
         for what, token in (("image", image_token), ("video", video_token)):
-            if token is not None and token in str(message.get("content", "")):
+            if token is not None and token in content:
                 raise ValueError(f"message {index} contains the {what} placeholder token {token!r} as text")
     videos = count_images(messages, VIDEO_MARKER) if video_token is not None else 0
     if len(video_token_counts) != videos:

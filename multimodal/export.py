@@ -60,6 +60,7 @@ from encoders.hf import (
 from lm import Decoder
 from lm.hf import config_from_hf, config_to_hf, read_safetensors, write_safetensors
 from lm.tokenizer import load_tokenizer
+from multimodal.layouts import FIXED, ImageLayout
 from multimodal.model import VisionLanguageModel
 
 __all__ = ["check_exportable", "export_hf_llava", "import_hf_llava", "llava_chat_template"]
@@ -258,6 +259,8 @@ def _split_hf_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
             vision[name[len("vision_tower."):].removeprefix("vision_model.")] = tensor
         elif name.startswith(PROJECTOR_PREFIX):
             proj[name[len(PROJECTOR_PREFIX):]] = tensor
+        elif name in ("image_newline", "model.image_newline"):  # LLaVA-OneVision's
+            proj["image_newline"] = tensor
         else:
             unknown.append(key)
     if unknown:
@@ -265,9 +268,12 @@ def _split_hf_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     return vision, proj, decoder
 
 
-def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: str | None = None) -> Path:
+def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: str | None = None,
+                    model_type: str = "llava") -> Path:
     """Convert a transformers LLaVA directory (CLIP or SigLIP vision tower, Llama decoder, a
     Salamandra tokenizer) into our `save_pretrained` format at `out_dir` (new or empty).
+    `model_type` "llava_onevision": a LLaVA-OneVision directory, imported in the anyres layout with
+    its pinpoints, reduction threshold, newline embedding and video token.
 
     A SigLIP tower is described to open_clip by a registered timm model of the same architecture:
     `timm_model_name`, or the first `*siglip*` model timm lists that matches. Everything is checked
@@ -277,8 +283,9 @@ def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: st
     if not config_path.exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     config = json.loads(config_path.read_text())
-    if config.get("model_type") != "llava":
-        raise ValueError(f"{config_path}: model_type {config.get('model_type')!r}, expected 'llava'")
+    if config.get("model_type") != model_type:
+        raise ValueError(f"{config_path}: model_type {config.get('model_type')!r}, expected {model_type!r}")
+    onevision = model_type == "llava_onevision"
     vision_cfg, text_cfg = config.get("vision_config") or {}, config.get("text_config") or {}
     tower = HFVisionTower.from_hf(vision_cfg)
     if config.get("projector_hidden_act", "gelu") != "gelu":
@@ -314,14 +321,33 @@ def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: st
         raise ValueError(f"the processor's image token {image_token!r} is not id {image_token_id} "
                          "(the config's image_token_index)")
 
+    layout, video_token_id = FIXED, None
+    if onevision:
+        layout = ImageLayout.anyres(config.get("vision_aspect_ratio", "anyres_max_9"), config.get("image_grid_pinpoints"),
+                                    tower.image_size)
+        video_token_id = config.get("video_token_index", config.get("video_token_id"))
+        video_token = processor_config.get("video_token")
+        if video_token is not None and tokenizer.backend.token_to_id(video_token) != video_token_id:
+            raise ValueError(f"the processor's video token {video_token!r} is not id {video_token_id} "
+                             "(the config's video_token_index)")
+        ratio = processor_config.get("vision_aspect_ratio", layout.aspect_ratio_name)
+        if ratio != layout.aspect_ratio_name:  # the processor counts tokens with its own
+            raise ValueError(f"the processor's vision_aspect_ratio {ratio!r} differs from the model's "
+                             f"{layout.aspect_ratio_name!r}: they would disagree on every image's token count")
+
     with torch.device("meta"):
         encoder = OpenCLIPEncoder(**encoder_config)
         model = VisionLanguageModel(
             encoder, projectors.build("mlp", encoder.hidden_size, decoder_config.d_model, depth=2),
-            Decoder(decoder_config), tokenizer, image_token_id,
+            Decoder(decoder_config), tokenizer, image_token_id, layout=layout, video_token_id=video_token_id,
         )
     patch = processor_config.get("patch_size", tower.patch_size)
-    if processor_config:
+    if onevision:
+        per_view = processor_config.get("num_image_tokens", model.view_side ** 2)
+        if per_view != model.view_side ** 2:
+            raise ValueError(f"the processor counts {per_view} tokens per view but the tower gives "
+                             f"{model.view_side ** 2}")
+    elif processor_config:
         expected = (tower.image_size // patch) ** 2 + processor_config.get("num_additional_image_tokens", 0)
         expected -= 1 if processor_config.get("vision_feature_select_strategy", strategy) == "default" else 0
         if expected != model.num_image_tokens:
@@ -330,6 +356,8 @@ def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: st
 
     vision, proj, decoder = _split_hf_state(read_safetensors(hf_dir))
     state = vision_state_from_hf(vision, tower, encoder.num_layers)
+    if "image_newline" in proj:
+        state["image_newline"] = proj.pop("image_newline")
     for index, name in ((0, "linear_1"), (2, "linear_2")):
         weight = proj.get(f"{name}.weight")
         if weight is None:

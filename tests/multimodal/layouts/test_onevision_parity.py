@@ -5,6 +5,7 @@ our pixels and our logits, for one image of many sizes (small, square, wide, tal
 for the bilinear reduction, and seeded random sizes), two images in one turn, and a video; greedy
 decoding gives our tokens."""
 
+import json
 import random
 
 import numpy as np
@@ -14,7 +15,9 @@ import torch
 import transformers
 from PIL import Image
 
+from multimodal import VisionLanguageModel
 from multimodal.batch import Batch
+from multimodal.cli import main
 from multimodal.export_onevision import export_hf_llava_onevision
 from multimodal.layouts import onevision_pinpoints
 from multimodal.layouts.geometry import feature_grid, tile_grid
@@ -133,3 +136,37 @@ def test_greedy_generation_gives_our_tokens(exported):
     ids, pixels = our_inputs(model, [image])
     assert model.generate([ids], pixels, max_new_tokens=8)[0] == theirs
     assert model.caption(image, prompt=QUESTION, max_new_tokens=8) == processor.decode(theirs, skip_special_tokens=True)
+
+
+def test_export_then_import_is_bit_identical(exported, tmp_path):
+    model = exported[0]
+    out = export_hf_llava_onevision(model, tmp_path / "hf")
+    assert main(["import", "--from", "hf-llava-onevision", str(out), str(tmp_path / "back")]) == 0
+    back = VisionLanguageModel.from_pretrained(tmp_path / "back")
+    assert back.layout == model.layout and back.video_token_id == model.video_token_id
+    assert back.encoder.config()["activation"] == "gelu_tanh"
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    image = photo((500, 700), 1)
+    ids, pixels = our_inputs(model, [image])
+    assert back.generate([ids], back.preprocess([image]), max_new_tokens=6) == model.generate([ids], pixels, max_new_tokens=6)
+
+
+def test_cli_exports_and_describes_an_anyres_checkpoint(exported, tmp_path, capsys):
+    model = exported[0]
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["info", str(tmp_path / "ckpt")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "anyres" and info["tokens_per_image_480x640"] == 2929
+    assert info["tokens_per_image_among_several"] == 730 and info["tokens_per_video_frame"] == 196
+    assert main(["export", "--to", "hf-llava-onevision", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llava_onevision"
+    # The fixed-layout LLaVA format cannot hold it, and says so.
+    assert main(["export", "--to", "hf-llava", str(tmp_path / "ckpt"), str(tmp_path / "llava")]) == 2
+
+
+def test_a_fixed_layout_model_is_refused_by_the_onevision_export(vlm, tmp_path):
+    with pytest.raises(ValueError, match="--to hf-llava"):
+        export_hf_llava_onevision(vlm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -41,3 +41,12 @@ def build_tiny_onevision_vlm(tokenizer, max_tiles: int = 9) -> VisionLanguageMod
     layout = ImageLayout.anyres(f"anyres_max_{max_tiles}", onevision_pinpoints(384))
     return VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1),
                                layout=layout, video_token_id=tokenizer.reserved_token_id(2))
+
+
+@register_model
+def vit_salamandra_test_tiny_siglip384_27(pretrained: bool = False, **kwargs):
+    """As above with SigLIP-So400m's 27 blocks (OneVision keeps 26), for the released model's layout."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=384, patch_size=14,
+                             embed_dim=32, depth=27, num_heads=2, **kwargs)
