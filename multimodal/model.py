@@ -44,6 +44,7 @@ from multimodal.layouts.inputs import ImageInputs
 from multimodal.layouts.packing import pack_image, pack_video
 from multimodal.layouts.views import sample_views, video_views
 from multimodal.prompts import caption_prompt
+from multimodal.video import read_video
 
 FORMAT = "salamandra-vision"
 FORMAT_VERSION = 1
@@ -360,13 +361,14 @@ class VisionLanguageModel(nn.Module):
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
-        videos: Sequence[Sequence[Image.Image]] | None = None, **generation_options: Any,
+        videos: Sequence[Sequence[Image.Image] | str | Path | bytes] | None = None, **generation_options: Any,
     ) -> generation.GeneratedText:
         """The assistant's answer to `messages` ({"role", "content"} dicts; `<image>` in a content
         marks where each of `images` goes, in order; without markers the images go at the start of
         the first user turn), a str with its `finish_reason` ("stop", "length" or "context").
-        `videos` (each a list of frames; models with a video token) go where `<video>` markers say,
-        or after the images at the start of the first user turn.
+        `videos` (each a list of PIL frames, or a video file's path or bytes, read with PyAV up to
+        the layout's frames_upbound; models with a video token) go where `<video>` markers say, or
+        after the images at the start of the first user turn.
 
         A chat too long for the decoder's context loses its oldest exchanges (see `_chat_inputs`);
         the answer's `dropped_messages` says how many messages, after the leading system messages."""
@@ -377,7 +379,7 @@ class VisionLanguageModel(nn.Module):
 
     def stream_chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
-        videos: Sequence[Sequence[Image.Image]] | None = None, **generation_options: Any,
+        videos: Sequence[Sequence[Image.Image] | str | Path | bytes] | None = None, **generation_options: Any,
     ) -> generation.TextStream:
         """`chat`, as text pieces while they are generated; joined they equal `chat`'s answer. The
         stream's `dropped_messages` is set from the start, its `finish_reason` once it is exhausted."""
@@ -397,7 +399,7 @@ class VisionLanguageModel(nn.Module):
 
     def _chat_inputs(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None,
-        max_new_tokens: int, videos: Sequence[Sequence[Image.Image]] | None = None,
+        max_new_tokens: int, videos: Sequence[Sequence[Image.Image] | str | Path | bytes] | None = None,
     ) -> tuple[list[int], torch.Tensor | ImageInputs | None, int]:
         """Prompt ids and pixels of a chat, and how many messages were dropped to fit the context.
 
@@ -410,7 +412,9 @@ class VisionLanguageModel(nn.Module):
         shortened: one too long is refused.)"""
         if isinstance(images, Image.Image):
             images = [images]
-        images, videos = list(images or []), [list(video) for video in videos or []]
+        images = list(images or [])
+        videos = [read_video(video, self.layout.frames_upbound) if isinstance(video, (str, Path, bytes))
+                  else list(video) for video in videos or []]
         if videos and self.video_token_id is None:
             raise ValueError("videos were given but this model has no video token (video_token_id)")
         # Also accepts LLaVA roles (human / gpt) and content given as a list of text / image parts.

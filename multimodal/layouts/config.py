@@ -25,11 +25,14 @@ class ImageLayout:
     reduced bilinearly when they hold more than about `max_tiles` tiles' worth, and every row ends
     with the model's learned newline embedding. A sample with several images gets one view per image
     (padded to a square, grey 127), its tokens plus one newline. A video gets its frames pooled 2x2
-    (bilinear) and one newline after the last frame."""
+    (bilinear) and one newline after the last frame; a video file gives at most `frames_upbound`
+    frames, sampled uniformly."""
 
     kind: str = "fixed"
     max_tiles: int = 9
     grid_pinpoints: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+    # The most frames a video file gives (sampled uniformly over it; OneVision's frames_upbound).
+    frames_upbound: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,6 +45,8 @@ class ImageLayout:
                 raise ValueError(f"grid_pinpoints must be positive (height, width) pairs, got {self.grid_pinpoints}")
             if self.max_tiles < 1:
                 raise ValueError(f"max_tiles must be >= 1, got {self.max_tiles}")
+        if self.frames_upbound < 1:
+            raise ValueError(f"frames_upbound must be >= 1, got {self.frames_upbound}")
 
     @property
     def is_anyres(self) -> bool:
