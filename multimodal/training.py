@@ -21,12 +21,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import projector as projectors
-from encoders import OpenCLIPEncoder, encoder_transform
+from encoders import OpenCLIPEncoder
 from lm import Decoder, LMConfig, compile_blocks, load_decoder, load_tokenizer
 from lm.config import PRESETS
 from multimodal.batch import Batch
-from multimodal.data import DataConfig, build_dataset, build_loader
+from multimodal.data import DataConfig, build_loader, dataset_for_model
 from multimodal.data.resume import DataPosition, ResumePlan
+from multimodal.layouts import ImageLayout, onevision_pinpoints
 from multimodal.model import VisionLanguageModel
 from multimodal.resume_settings import check_data_layout
 
@@ -37,8 +38,11 @@ MODULES = ("encoder", "projector", "decoder")
 class ModelSpec:
     """What to build. `decoder` is an LM preset name (lm.LMConfig.from_name) or a Hugging Face Llama
     directory; `encoder` holds OpenCLIPEncoder's arguments; `projector` projector.build's options
-    (widths are filled in). `init_from` starts from saved weights: a save_pretrained directory
-    (whose architecture then wins) or a Lightning checkpoint of the same architecture."""
+    (widths are filled in). `layout` is the image layout's fields (multimodal.layouts.ImageLayout:
+    kind, max_tiles, grid_pinpoints); None is the fixed layout, {"kind": "anyres"} LLaVA-OneVision's
+    (max_tiles 9, its 36 grids of the encoder's image size). `init_from` starts from saved weights: a
+    save_pretrained directory (whose architecture then wins) or a Lightning checkpoint of the same
+    architecture."""
 
     tokenizer: str
     decoder: str = "demo"
@@ -47,6 +51,17 @@ class ModelSpec:
     projector: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp", "depth": 2})
     image_token: str = "<|reserved_token_1|>"
     init_from: str | None = None
+    # None rather than {}: a checkpoint saved before this field existed compares equal on resume.
+    layout: dict[str, Any] | None = None
+
+
+def image_layout(settings: dict[str, Any] | None, tile: int) -> ImageLayout:
+    """ModelSpec.layout -> ImageLayout; an anyres layout without grid_pinpoints gets OneVision's
+    (1..6 x 1..6 tiles of `tile` pixels, the encoder's image size)."""
+    settings = dict(settings or {})
+    if settings.get("kind") == "anyres" and not settings.get("grid_pinpoints"):
+        settings["grid_pinpoints"] = onevision_pinpoints(tile)
+    return ImageLayout.from_dict(settings)
 
 
 @dataclass
@@ -81,7 +96,8 @@ def build_model(spec: ModelSpec) -> VisionLanguageModel:
         raise ValueError(f"decoder vocabulary {decoder.config.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
     encoder = OpenCLIPEncoder(**spec.encoder)
     proj = projectors.build(in_dim=encoder.hidden_size, out_dim=decoder.config.d_model, **spec.projector)
-    model = VisionLanguageModel(encoder, proj, decoder, tokenizer, tokenizer.token_to_id(spec.image_token))
+    model = VisionLanguageModel(encoder, proj, decoder, tokenizer, tokenizer.token_to_id(spec.image_token),
+                                layout=image_layout(spec.layout, encoder.image_size))
     if spec.init_from:
         load_lightning_weights(model, spec.init_from)
     return model
@@ -267,8 +283,9 @@ class VLMModule(L.LightningModule):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training and validation streams. The tokenizer, preprocessing and image token count come
-    from the model being trained, so the data always matches it.
+    """Training and validation streams. The tokenizer, preprocessing and image token counts come
+    from the model being trained (data.dataset_for_model: its layout decides fixed or anyres
+    Batches), so the data always matches it.
 
     Before training, the shard counts are checked against world size x num_workers (ValueError when
     a reader would get no shard; a warning in resampled mode). With several ranks, Lightning's DDP
@@ -281,8 +298,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, config: DataConfig, epoch: int = 0, plan: ResumePlan | None = None):
         model: VisionLanguageModel = self.trainer.lightning_module.model
-        transform = encoder_transform(model.encoder)  # config.pad_to_square is applied by build_dataset
-        dataset = build_dataset(config, model.tokenizer, transform, model.image_token_id, model.num_image_tokens)
+        dataset = dataset_for_model(config, model)  # config.pad_to_square is applied by build_dataset
         dataset.set_epoch(epoch)
         dataset.resume_from(plan)  # build_loader checks the plan against the ranks and workers
         return build_loader(dataset, self.num_workers, world_size=self.trainer.world_size)

@@ -88,6 +88,22 @@ MAX_ASPECT_RATIO = 20.0         # beyond it, "shortest" (CLIP) crops away 95 % o
                                 # (SigLIP) stretches it 20x: either way the caption no longer fits
 
 
+def _open_checked(data: bytes, max_pixels: int, min_side: int, max_aspect_ratio: float | None) -> Image.Image:
+    """Image.open (the header only) and the header checks of decode_image; Pillow's errors escape."""
+    with warnings.catch_warnings():
+        # Pillow warns about sizes it considers bombs; the limit below refuses them instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SkipSample(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > {max_pixels}")
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * max(min(width, height), 1):
+        raise SkipSample(IMAGE_EXTREME_ASPECT, f"{width}x{height}: aspect ratio over {max_aspect_ratio:g}")
+    if min(width, height) < min_side:
+        raise SkipSample(IMAGE_TOO_SMALL, f"{width}x{height}: a side under {min_side} pixels")
+    return image
+
+
 def decode_image(data: bytes, *, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                  min_side: int = 1, max_aspect_ratio: float | None = None) -> Image.Image:
     """An RGB image from encoded bytes, as a viewer shows it; raises SkipSample when it cannot be.
@@ -103,17 +119,7 @@ def decode_image(data: bytes, *, draft_size: int | None = None, max_pixels: int 
       is converted to RGB by `to_rgb`. Only the first frame of an animation is used.
     """
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about sizes it considers bombs; the limit below refuses them instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise SkipSample(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > {max_pixels}")
-        if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * max(min(width, height), 1):
-            raise SkipSample(IMAGE_EXTREME_ASPECT, f"{width}x{height}: aspect ratio over {max_aspect_ratio:g}")
-        if min(width, height) < min_side:
-            raise SkipSample(IMAGE_TOO_SMALL, f"{width}x{height}: a side under {min_side} pixels")
+        image = _open_checked(data, max_pixels, min_side, max_aspect_ratio)
         if draft_size is not None and image.format in JPEG_FORMATS:
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # truncation and corrupt data show up here
@@ -127,6 +133,36 @@ def decode_image(data: bytes, *, draft_size: int | None = None, max_pixels: int 
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         # SyntaxError is what some Pillow plugins raise for malformed headers; a format outside
         # ACCEPTED_FORMATS is an UnidentifiedImageError.
+        raise SkipSample(IMAGE_UNDECODABLE, f"{type(error).__name__}: {error}") from None
+
+
+# EXIF orientations that turn an image a quarter (ImageOps.exif_transpose swaps its sides).
+_QUARTER_TURNS = (5, 6, 7, 8)
+_ORIENTATION = 0x0112
+
+
+def image_size(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 1,
+               max_aspect_ratio: float | None = None) -> tuple[int, int]:
+    """(height, width) of the image decode_image (without draft_size) would return, read from the
+    header alone, no pixel decoded: the same header checks and skip reasons as decode_image, and
+    the sides swapped when the EXIF orientation turns the image a quarter.
+
+    A PNG whose EXIF block comes after its pixels (Pillow sees it only on decoding) is read as
+    stored; whoever relies on the size compares it with the decoded image's."""
+    try:
+        image = _open_checked(data, max_pixels, min_side, max_aspect_ratio)
+        width, height = image.size
+        orientation = 1
+        # A PNG's getexif decodes the image when the header held no EXIF block.
+        if image.format != "PNG" or "exif" in image.info:
+            try:
+                orientation = image.getexif().get(_ORIENTATION, 1)
+            except Exception:  # noqa: BLE001 - malformed EXIF: decode_image keeps such pixels as stored
+                orientation = 1
+        return (width, height) if orientation in _QUARTER_TURNS else (height, width)
+    except Image.DecompressionBombError as error:
+        raise SkipSample(IMAGE_TOO_LARGE, str(error)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise SkipSample(IMAGE_UNDECODABLE, f"{type(error).__name__}: {error}") from None
 
 

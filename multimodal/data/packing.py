@@ -22,6 +22,7 @@ from lm.attention import SeqLayout
 from lm.loss import IGNORE_INDEX
 from multimodal.batch import Batch
 from multimodal.data.samples import TokenizedSample
+from multimodal.layouts.inputs import ImageInputs
 
 Item = TypeVar("Item")
 
@@ -140,11 +141,14 @@ def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_i
     Every row has the same fixed length, so the memory a step needs is known from the first step
     (no late out-of-memory on an unlucky batch) and shapes stay static for compiled kernels; the
     cost is the padding, which `padding_waste` measures. The images are concatenated in row-major
-    placeholder order, the order VisionLanguageModel splices them in.
+    placeholder order, the order VisionLanguageModel splices them in: a [N, 3, H, W] tensor in the
+    fixed layout; in the anyres layout (samples with image_sizes) one ImageInputs, every sample's
+    views, sizes and view counts one after another.
     """
     input_ids = [[pad_id] * max_tokens for _ in rows]
     labels = [[IGNORE_INDEX] * max_tokens for _ in rows]
     images: list[torch.Tensor] = []
+    pieces: list[TokenizedSample] = []  # anyres samples
     for r, row in enumerate(rows):
         start = 0
         for sample in row:
@@ -153,16 +157,31 @@ def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_i
                 raise ValueError(f"row {r} holds {end} tokens > max_tokens {max_tokens}")
             input_ids[r][start:end] = sample.input_ids
             labels[r][start:end] = sample.labels
-            images.extend(sample.images)
+            if sample.image_sizes is not None:
+                pieces.append(sample)
+            else:
+                images.extend(sample.images)
             start = end
+    if pieces and images:
+        raise ValueError("a Batch cannot mix samples of the fixed layout ([3, H, W] images) and the anyres layout "
+                         "(views and sizes)")
     return Batch(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
-        pixels=torch.stack(images) if images else None,
+        pixels=anyres_inputs(pieces) if pieces else (torch.stack(images) if images else None),
         layout=SeqLayout.packed([[len(sample) for sample in row] for row in rows]),
         num_samples=sum(len(row) for row in rows),
         skipped=dict(skipped or {}),
     )
+
+
+def anyres_inputs(samples: Sequence[TokenizedSample]) -> ImageInputs | None:
+    """The images of anyres samples, one after another, as one ImageInputs (None for none)."""
+    views = [image for sample in samples for image in sample.images]
+    if not views:
+        return None
+    return ImageInputs(torch.cat(views), [size for sample in samples for size in sample.image_sizes],
+                       [image.shape[0] for image in views])
 
 
 def padding_waste(batch: Batch) -> float:

@@ -160,3 +160,50 @@ def check_batch(batch, keys: list[list[str]], expected: dict[str, Expected], par
                 assert max(abs(a - b) for a, b in zip(got, want)) <= 4, (key, got, want)  # JPEG rounding
                 image_index += 1
     assert image_index == (0 if batch.pixels is None else batch.pixels.shape[0])
+
+
+# --- the anyres layout: images of their own sizes -------------------------------------------------
+
+# (height, width) of the anyres tests' images: smaller than a tile, one tile, wide (1x3 tiles), tall (3x1).
+ANYRES_SIZES = {"small": (80, 100), "square": (384, 384), "wide": (300, 900), "tall": (900, 300)}
+
+
+def textured_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """An RGB image of `size` (height, width): smooth colour gradients and a few blocks, different
+    for each seed, so that every view and tile of it differs (a solid colour would hide a mix-up)."""
+    import numpy as np
+
+    height, width = size
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    pixels = np.stack([127 + 120 * np.sin(rows / (11 + 7 * c) + cols / (17 + 5 * c) + phase[c]) for c in range(3)], -1)
+    for _ in range(4):
+        top, left = int(rng.integers(0, height)), int(rng.integers(0, width))
+        pixels[top:top + height // 5, left:left + width // 5] = rng.integers(0, 256, size=3)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def anyres_sample(key: str, sizes: list[tuple[int, int]], seed: int, fmt: str = "PNG",
+                  caption: str | None = None) -> dict[str, bytes]:
+    """A caption sample (one image; `caption` or a text naming the key) or, for several sizes, a
+    LLaVA conversation with a marker per image (0.png, 1.jpg, ... alternating PNG and JPEG)."""
+    files: dict[str, bytes] = {"__key__": key}
+    if len(sizes) == 1:
+        files["png" if fmt == "PNG" else "jpg"] = encoded(textured_image(sizes[0], seed), fmt)
+        files["txt"] = (caption or f"A textured picture about {key}.").encode()
+        return files
+    for index, size in enumerate(sizes):
+        name = f"{index}.png" if index % 2 == 0 else f"{index}.jpg"
+        files[name] = encoded(textured_image(size, seed + index), "PNG" if index % 2 == 0 else "JPEG")
+    markers = "".join("<image>\n" for _ in sizes)
+    files["json"] = json.dumps({"conversations": [
+        {"from": "human", "value": f"{markers}Compare these."},
+        {"from": "gpt", "value": f"They differ, {key}."}]}).encode()
+    return files
