@@ -20,3 +20,6 @@ def test_captioning_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     assert any("ca:" in o.get("text", "") for o in outputs if o.output_type == "stream")
+    # The any-resolution cell: a large photograph as base view + tiles, and its token count.
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "1800x1200: a 4x5 grid of tiles + the base view = 21 views, 7329 image tokens" in text and "image tokens" in text
