@@ -48,7 +48,7 @@ class GenerativeModel(Protocol):
     tokenizer: Tokenizer
     encoder: torch.nn.Module
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor: ...
+    def embed(self, input_ids: torch.Tensor, pixels: Any) -> torch.Tensor: ...
 
     def modules(self) -> Iterator[torch.nn.Module]: ...
 
@@ -239,9 +239,9 @@ def generate(
     """New token ids for each prompt (stop token excluded), decoding all prompts in one batch; each
     list also says why it ended (`finish_reason`: "stop", "length" or "context").
 
-    prompts: token ids, each image already expanded to `model.num_image_tokens` placeholders (as
-    `tokenize_conversation` gives them). pixels: [N, 3, H, W], the images of all prompts in prompt
-    order, or None. An answer ends at the end of the decoder's context (max_seq_len) if it gets
+    prompts: token ids, each image already expanded to its placeholders (as
+    `tokenize_conversation` gives them). pixels: the images of all prompts in prompt order ([N, 3,
+    H, W] in the fixed layout, ImageInputs with views and videos in the anyres layout), or None. An answer ends at the end of the decoder's context (max_seq_len) if it gets
     there first. Raises ValueError for no prompts, an empty prompt, or a prompt that alone fills the
     context.
     """
