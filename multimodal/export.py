@@ -59,7 +59,7 @@ from encoders.hf import (
 )
 from lm import Decoder
 from lm.hf import config_from_hf, config_to_hf, read_safetensors, write_safetensors
-from lm.tokenizer import load_tokenizer
+from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal.layouts import FIXED, ImageLayout
 from multimodal.model import VisionLanguageModel
 
@@ -140,7 +140,7 @@ def check_exportable(model: VisionLanguageModel) -> _ExportPlan:
     return _ExportPlan(tower, strategy, additional)
 
 
-def _hf_state(model: VisionLanguageModel, plan: _ExportPlan) -> dict[str, torch.Tensor]:
+def hf_llava_state(model: VisionLanguageModel, plan: _ExportPlan) -> dict[str, torch.Tensor]:
     state = {VISION_PREFIX + k: v for k, v in vision_state_to_hf(model.encoder, plan.tower).items()}
     layers = model.projector.layers
     for index, name in ((0, "linear_1"), (2, "linear_2")):
@@ -153,7 +153,7 @@ def _hf_state(model: VisionLanguageModel, plan: _ExportPlan) -> dict[str, torch.
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} exists and is not an empty directory; choose a new output directory")
 
@@ -163,7 +163,7 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
     Hugging Face LLaVA directory at `out_dir` (new or empty). Returns the directory.
 
     Raises ValueError, before writing anything, for what the LLaVA layout cannot hold."""
-    from transformers import AutoTokenizer, GenerationConfig, LlavaProcessor
+    from transformers import AutoTokenizer, LlavaProcessor
     try:
         from transformers import CLIPImageProcessorPil
     except ImportError:  # transformers before the 5.x image-processor rework
@@ -175,20 +175,16 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
         model = VisionLanguageModel.from_pretrained(model_or_checkpoint_dir)
     out_dir = Path(out_dir)
     plan = check_exportable(model)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     tokenizer = model.tokenizer
     image_token = tokenizer.id_to_token(model.image_token_id)
     decoder_dtype = model.decoder.lm_head.weight.dtype
 
-    text_config = config_to_hf(model.decoder.config, decoder_dtype)
-    for key in ("architectures", "torch_dtype"):
-        text_config.pop(key)
-    text_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": plan.tower.to_hf(),
-        "text_config": text_config,
+        "text_config": llava_text_config(model),
         "image_token_index": model.image_token_id,
         "image_seq_length": model.num_image_tokens,
         "projector_hidden_act": "gelu",
@@ -198,15 +194,7 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
         "tie_word_embeddings": model.decoder.config.tie_embeddings,
         "dtype": str(decoder_dtype).removeprefix("torch."),
     }
-    state = _hf_state(model, plan)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(state, out_dir, MAX_SHARD_BYTES)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id],
-        pad_token_id=tokenizer.pad_id, do_sample=False,
-    ).save_pretrained(out_dir)
+    write_model_files(out_dir, config, hf_llava_state(model, plan), tokenizer)
 
     # The tokenizer and processor files are written by transformers itself, so they are in the
     # layout the installed transformers reads.
@@ -225,14 +213,43 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
     # transformers 5 nests the image processor in processor_config.json; 4.x reads this file.
     image_processor = json.loads((out_dir / "processor_config.json").read_text())["image_processor"]
     (out_dir / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
-    # Our own tokenizer files (PreTrainedTokenizerFast, BOS added by tokenizer.json's post-processor)
-    # load in every transformers version; the re-saved ones name a class only transformers 5 knows.
+    write_own_tokenizer(out_dir, tokenizer, "LlavaProcessor")
+    return out_dir
+
+
+def llava_text_config(model: VisionLanguageModel) -> dict[str, Any]:
+    """The decoder's Llama config as a LLaVA config's text_config, with the tokenizer's special ids."""
+    tokenizer = model.tokenizer
+    text_config = config_to_hf(model.decoder.config, model.decoder.lm_head.weight.dtype)
+    for key in ("architectures", "torch_dtype"):
+        text_config.pop(key)
+    text_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return text_config
+
+
+def write_model_files(out_dir: Path, config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+    """config.json, the weights (sharded above 5 GB) and a generation config that decodes as ours:
+    greedy, stopping at `<|im_end|>` or `</s>`."""
+    from transformers import GenerationConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(state, out_dir, MAX_SHARD_BYTES)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id],
+        pad_token_id=tokenizer.pad_id, do_sample=False,
+    ).save_pretrained(out_dir)
+
+
+def write_own_tokenizer(out_dir: Path, tokenizer: Tokenizer, processor_class: str) -> None:
+    """Our own tokenizer files (PreTrainedTokenizerFast, BOS added by tokenizer.json's post-processor)
+    over those a processor's save_pretrained wrote: they load in every transformers version, the
+    re-saved ones name a class only transformers 5 knows."""
     tokenizer.save(out_dir)
     tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["processor_class"] = "LlavaProcessor"
+    tokenizer_config["processor_class"] = processor_class
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False, indent=2) + "\n",
                                                    encoding="utf-8")
-    return out_dir
 
 
 # --- import --------------------------------------------------------------------------------
@@ -378,7 +395,7 @@ def import_hf_llava(hf_dir: str | Path, out_dir: str | Path, timm_model_name: st
              if v.shape != expected_state[k].shape]
     if wrong:
         raise ValueError(f"{hf_dir}: tensor shapes do not match config.json: {wrong[:8]}")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
 
     model.load_state_dict(state, assign=True)
     if decoder_config.tie_embeddings:

@@ -13,11 +13,10 @@ tokens, which is how transformers 5.24's processor counts an image's placeholder
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lm.hf import config_to_hf, write_safetensors
-from multimodal.export import MAX_SHARD_BYTES, _check_out_dir, _hf_state, check_exportable, llava_chat_template
+from multimodal.export import (check_exportable, check_out_dir, hf_llava_state, llava_chat_template, llava_text_config,
+                               write_model_files, write_own_tokenizer)
 from multimodal.model import VisionLanguageModel
 
 __all__ = ["export_hf_llava_onevision"]
@@ -27,7 +26,7 @@ def export_hf_llava_onevision(model_or_checkpoint_dir: VisionLanguageModel | str
     """Write a model in the anyres layout (or the directory `save_pretrained` wrote it to) as a
     Hugging Face LLaVA-OneVision directory at `out_dir` (new or empty). Returns the directory.
     Raises ValueError, before writing anything, for what the layout cannot hold."""
-    from transformers import AutoTokenizer, GenerationConfig, LlavaOnevisionProcessor
+    from transformers import AutoTokenizer, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -43,24 +42,18 @@ def export_hf_llava_onevision(model_or_checkpoint_dir: VisionLanguageModel | str
     if plan.tower.kind != "siglip":
         raise ValueError("LLaVA-OneVision's format holds a SigLIP vision tower (all tokens, no class token); "
                          f"this model's is {plan.tower.kind}")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     tokenizer = model.tokenizer
     image_token = tokenizer.id_to_token(model.image_token_id)
     video_token_id = model.video_token_id
     video_token = tokenizer.id_to_token(video_token_id)
-    decoder_dtype = model.decoder.lm_head.weight.dtype
     layout = model.layout
-
-    text_config = config_to_hf(model.decoder.config, decoder_dtype)
-    for key in ("architectures", "torch_dtype"):
-        text_config.pop(key)
-    text_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     pinpoints = [list(pair) for pair in layout.grid_pinpoints]
     config = {
         "architectures": ["LlavaOnevisionForConditionalGeneration"],
         "model_type": "llava_onevision",
         "vision_config": plan.tower.to_hf(),
-        "text_config": text_config,
+        "text_config": llava_text_config(model),
         "image_token_index": model.image_token_id,
         "video_token_index": video_token_id,
         "projector_hidden_act": "gelu",
@@ -70,18 +63,11 @@ def export_hf_llava_onevision(model_or_checkpoint_dir: VisionLanguageModel | str
         "vision_aspect_ratio": layout.aspect_ratio_name,
         "image_grid_pinpoints": pinpoints,
         "tie_word_embeddings": model.decoder.config.tie_embeddings,
-        "dtype": str(decoder_dtype).removeprefix("torch."),
+        "dtype": str(model.decoder.lm_head.weight.dtype).removeprefix("torch."),
     }
-    state = _hf_state(model, plan)
+    state = hf_llava_state(model, plan)
     state["image_newline"] = model.image_newline.detach().to("cpu").contiguous()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(state, out_dir, MAX_SHARD_BYTES)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id],
-        pad_token_id=tokenizer.pad_id, do_sample=False,
-    ).save_pretrained(out_dir)
+    write_model_files(out_dir, config, state, tokenizer)
 
     tokenizer.save(out_dir)
     tile = model.encoder.image_size
@@ -99,10 +85,5 @@ def export_hf_llava_onevision(model_or_checkpoint_dir: VisionLanguageModel | str
         vision_aspect_ratio=layout.aspect_ratio_name,
     )
     processor.save_pretrained(out_dir)
-    # Our own tokenizer files load in every transformers version (see multimodal/export.py).
-    tokenizer.save(out_dir)
-    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["processor_class"] = "LlavaOnevisionProcessor"
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False, indent=2) + "\n",
-                                                   encoding="utf-8")
+    write_own_tokenizer(out_dir, tokenizer, "LlavaOnevisionProcessor")
     return out_dir
