@@ -15,13 +15,23 @@ from multimodal.layouts import ImageLayout, onevision_pinpoints
 from tests.encoders.tiny_towers import CONFIGS
 
 
-@register_model
-def vit_salamandra_test_tiny_siglip384(pretrained: bool = False, **kwargs):
-    """timm's vit_base_patch16_siglip_224 at OneVision's 384 px / patch 14, width 32, 2 blocks."""
+def _tiny_siglip384(depth: int, kwargs: dict):
+    """timm's vit_base_patch16_siglip_224 at OneVision's 384 px / patch 14, width 32, `depth` blocks."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=384, patch_size=14,
-                             embed_dim=32, depth=2, num_heads=2, **kwargs)
+                             embed_dim=32, depth=depth, num_heads=2, **kwargs)
+
+
+@register_model
+def vit_salamandra_test_tiny_siglip384(pretrained: bool = False, **kwargs):
+    return _tiny_siglip384(2, kwargs)
+
+
+@register_model
+def vit_salamandra_test_tiny_siglip384_27(pretrained: bool = False, **kwargs):
+    """SigLIP-So400m's 27 blocks (OneVision keeps 26), for the released model's layout."""
+    return _tiny_siglip384(27, kwargs)
 
 
 TINY_SIGLIP_384 = {
@@ -42,11 +52,3 @@ def build_tiny_onevision_vlm(tokenizer, max_tiles: int = 9) -> VisionLanguageMod
     return VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1),
                                layout=layout, video_token_id=tokenizer.reserved_token_id(2))
 
-
-@register_model
-def vit_salamandra_test_tiny_siglip384_27(pretrained: bool = False, **kwargs):
-    """As above with SigLIP-So400m's 27 blocks (OneVision keeps 26), for the released model's layout."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=384, patch_size=14,
-                             embed_dim=32, depth=27, num_heads=2, **kwargs)
