@@ -28,7 +28,7 @@ from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_loader, dataset_for_model
 from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.layouts import ImageLayout, onevision_pinpoints
-from multimodal.model import VisionLanguageModel
+from multimodal.model import VisionLanguageModel, _check_placeholder_token
 from multimodal.resume_settings import check_data_layout
 
 MODULES = ("encoder", "projector", "decoder")
@@ -40,9 +40,11 @@ class ModelSpec:
     directory; `encoder` holds OpenCLIPEncoder's arguments; `projector` projector.build's options
     (widths are filled in). `layout` is the image layout's fields (multimodal.layouts.ImageLayout:
     kind, max_tiles, grid_pinpoints); None is the fixed layout, {"kind": "anyres"} LLaVA-OneVision's
-    (max_tiles 9, its 36 grids of the encoder's image size). `init_from` starts from saved weights: a
-    save_pretrained directory (whose architecture then wins) or a Lightning checkpoint of the same
-    architecture."""
+    (max_tiles 9, its 36 grids of the encoder's image size). `video_token` names the videos'
+    placeholder token (e.g. "<|reserved_token_2|>"; anyres only); None: no videos, and the data path
+    skips video samples. `init_from` starts from saved weights: a save_pretrained directory (whose
+    architecture then wins; a video token is added to a model saved without one, which adds no
+    weights) or a Lightning checkpoint of the same architecture."""
 
     tokenizer: str
     decoder: str = "demo"
@@ -53,6 +55,8 @@ class ModelSpec:
     init_from: str | None = None
     # None rather than {}: a checkpoint saved before this field existed compares equal on resume.
     layout: dict[str, Any] | None = None
+    # None, as before this field existed (a checkpoint without it compares equal on resume).
+    video_token: str | None = None
 
 
 def image_layout(settings: dict[str, Any] | None, tile: int) -> ImageLayout:
@@ -84,7 +88,10 @@ class StageConfig:
 def build_model(spec: ModelSpec) -> VisionLanguageModel:
     if spec.init_from and (Path(spec.init_from) / "config.json").exists():
         # from_pretrained hands back a model ready for inference (eval mode); this one trains.
-        return VisionLanguageModel.from_pretrained(spec.init_from).train()
+        model = VisionLanguageModel.from_pretrained(spec.init_from).train()
+        if spec.video_token is not None:
+            add_video_token(model, spec.video_token)
+        return model
     tokenizer = load_tokenizer(spec.tokenizer)
     if spec.decoder in PRESETS:
         # A preset's vocabulary follows the tokenizer unless set explicitly (the demo's is small).
@@ -96,11 +103,30 @@ def build_model(spec: ModelSpec) -> VisionLanguageModel:
         raise ValueError(f"decoder vocabulary {decoder.config.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
     encoder = OpenCLIPEncoder(**spec.encoder)
     proj = projectors.build(in_dim=encoder.hidden_size, out_dim=decoder.config.d_model, **spec.projector)
+    video_token_id = None if spec.video_token is None else tokenizer.token_to_id(spec.video_token)
     model = VisionLanguageModel(encoder, proj, decoder, tokenizer, tokenizer.token_to_id(spec.image_token),
-                                layout=image_layout(spec.layout, encoder.image_size))
+                                layout=image_layout(spec.layout, encoder.image_size),
+                                video_token_id=video_token_id)
     if spec.init_from:
         load_lightning_weights(model, spec.init_from)
     return model
+
+
+def add_video_token(model: VisionLanguageModel, token: str) -> None:
+    """Give a model saved without a video token (a single-image stage's export) the video token
+    `token`, checked as VisionLanguageModel checks it; a model saved with another one: ValueError."""
+    token_id = model.tokenizer.token_to_id(token)
+    if model.video_token_id is not None:
+        if model.video_token_id != token_id:
+            raise ValueError(f"the saved model's video token is {model.tokenizer.id_to_token(model.video_token_id)!r}, "
+                             f"model.video_token asks for {token!r}")
+        return
+    _check_placeholder_token("video_token_id", token_id, model.tokenizer, model.decoder.config.vocab_size)
+    if token_id == model.image_token_id:
+        raise ValueError(f"video_token_id and image_token_id are the same token ({token_id})")
+    if not model.layout.is_anyres:
+        raise ValueError("videos need the anyres layout (OneVision's pooled frames); the saved model's is fixed")
+    model.video_token_id = token_id
 
 
 def load_lightning_weights(model: VisionLanguageModel, path: str) -> None:

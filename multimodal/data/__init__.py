@@ -4,9 +4,9 @@ Read in this order:
 - config.py    DataConfig and its sources; the one place shard patterns become shard URLs.
 - shards.py    which shards each rank and worker reads; reading tars into samples.
 - skips.py     counting and logging skipped samples; the skip budget.
-- decode.py    bytes -> text, JSON, RGB images; the skip reasons.
-- samples.py   one raw sample (caption, conversation, text) -> token ids, labels, image tensors.
-- anyres.py    the anyres layout's settings in a worker: each image's token count and views.
+- decode.py    bytes -> text, JSON, RGB images, video frames; the skip reasons.
+- samples.py   one raw sample (caption, conversation, text; images, videos) -> token ids, labels, pixels.
+- anyres.py    the anyres layout's settings in a worker: each image's (video's) token count and views.
 - stages.py    a reader's stages: shard after shard per source, mixing by weight, shuffling, tokenizing.
 - packing.py   first-fit packing into rows of max_tokens; rows -> Batch; padding waste.
 - reader.py    one reader's stages wired into Batches; its exact position after each (ReaderState).
@@ -59,10 +59,12 @@ __all__ = [
 def dataset_for_model(config: DataConfig, model) -> ShardDataset:
     """build_dataset with what the data must match taken from `model` (a VisionLanguageModel): its
     tokenizer and image placeholder; in the fixed layout its encoder's transform and token count per
-    image, in the anyres layout its AnyresImages (each image's count from its size, its views)."""
+    image, in the anyres layout its AnyresImages (each image's count from its size, its views) and
+    its video placeholder (None: video samples are skipped as no_video_token)."""
     anyres = anyres_images(model)
     if anyres is not None:
-        return build_dataset(config, model.tokenizer, None, model.image_token_id, anyres=anyres)
+        return build_dataset(config, model.tokenizer, None, model.image_token_id, anyres=anyres,
+                             video_token_id=getattr(model, "video_token_id", None))
     return build_dataset(config, model.tokenizer, encoder_transform(model.encoder), model.image_token_id,
                          model.num_image_tokens)
 
@@ -74,6 +76,7 @@ def build_dataset(
     image_token_id: int,
     num_image_tokens: int | None = None,
     anyres: AnyresImages | None = None,
+    video_token_id: int | None = None,
 ) -> ShardDataset:
     """An IterableDataset of Batches over config.shards, or over config.sources mixed by weight.
     build_loader checks the shard counts against the readers. `dataset_for_model` takes every
@@ -83,7 +86,8 @@ def build_dataset(
     (`encoder_transform(encoder)`) and every image takes `num_image_tokens` placeholders.
     Anyres layout: `anyres` (data.anyres_images(model)) instead of both (give them as None); every
     image's count then follows its size, and a Batch's pixels are ImageInputs.
-    `image_token_id` is the model's placeholder token.
+    `image_token_id` is the model's placeholder token; `video_token_id` its video placeholder
+    (anyres only; None: samples with videos are skipped as no_video_token).
     """
     if anyres is not None:
         if num_image_tokens is not None or image_transform is not None:
@@ -117,5 +121,6 @@ def build_dataset(
         seed=config.seed,
         default_language=config.default_language,
         anyres=anyres,
+        video_token_id=video_token_id,
     )
     return ShardDataset(config, settings, sources)

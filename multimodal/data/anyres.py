@@ -1,7 +1,8 @@
 """What a DataLoader worker needs to give a sample's images the anyres layout of the model being
 trained (LLaVA-OneVision's: an image alone in its sample becomes its base view and tiles, images
-beside others one square view each): the layout, the encoder's tile size, a view's token grid side
-and the encoder's mean and std. Plain values, picklable; taken from the model by `anyres_images`.
+beside others one square view each; a video's frames one squashed view each, pooled 2x2): the
+layout, the encoder's tile size, a view's token grid side and the encoder's mean and std. Plain
+values, picklable; taken from the model by `anyres_images`.
 
 Token counts come from the images' sizes alone (multimodal.layouts.geometry), so a sample's length
 is known from its images' headers, before any pixel is decoded; the views are those of
@@ -18,8 +19,8 @@ import torch
 from PIL import Image
 
 from multimodal.layouts.config import ImageLayout
-from multimodal.layouts.geometry import Size, anyres_image_tokens
-from multimodal.layouts.views import sample_views
+from multimodal.layouts.geometry import Size, anyres_image_tokens, video_token_count
+from multimodal.layouts.views import sample_views, video_views
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,21 @@ class AnyresImages:
     def views(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """The encoder's input views of one sample's images, one [views, 3, tile, tile] tensor per image."""
         return sample_views(images, self.layout, self.tile, self.mean, self.std)
+
+    @property
+    def frames_upbound(self) -> int:
+        """The most frames a video gives (sampled uniformly over it)."""
+        return self.layout.frames_upbound
+
+    def video_tokens(self, frames: int) -> int:
+        """Placeholders a video of `frames` frames needs: the same number as
+        VisionLanguageModel.video_token_counts (every frame's pooled grid, one newline)."""
+        return video_token_count(frames, self.side)
+
+    def video_views(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """The encoder's input views of one video's frames, [F, 3, tile, tile], as the model's own
+        preprocess makes them (layouts.views.video_views)."""
+        return video_views(frames, self.tile, self.mean, self.std)
 
 
 def anyres_images(model: Any) -> AnyresImages | None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from multimodal import video
+
 # Why a sample (or a shard) was skipped. The pipeline counts skips under these names, the training
 # loop logs them, so they are part of the interface: add new ones, do not rename.
 SHARD_ERROR = "shard_error"                # the shard could not be opened or its tar stream broke off
@@ -28,13 +30,23 @@ INVALID_JSON = "invalid_json"              # json that does not parse, or is not
 BAD_CONVERSATION = "bad_conversation"      # malformed turns, unknown roles, text that breaks ChatML
 UNKNOWN_LANGUAGE = "unknown_language"      # a caption in a language with no prompt pool
 BAD_IMAGE_NAMES = "bad_image_names"        # images that cannot be put in order (0.jpg, 2.jpg; jpg + png)
-PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # <image> markers do not match the images
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # <image> (<video>) markers do not match the images (videos)
 NO_LABELS = "no_labels"                    # nothing to learn (no assistant turn)
 TOO_LONG = "too_long"                      # more tokens than max_tokens
 IMAGE_UNDECODABLE = "image_undecodable"    # truncated, corrupt or unknown image bytes
 IMAGE_TOO_LARGE = "image_too_large"        # more pixels than max_pixels, refused from the header (bomb)
 IMAGE_TOO_SMALL = "image_too_small"        # a side under min_side pixels (1x1 trackers, broken thumbnails)
 IMAGE_EXTREME_ASPECT = "image_extreme_aspect"  # long side over max_aspect_ratio x the short one
+# Videos (models with a video token; see samples.py for the two ways a sample holds one). The first
+# three are multimodal.video's VideoError reasons, for a video file or for frames given as images.
+VIDEO_UNDECODABLE = video.UNDECODABLE      # "video_undecodable": a video file PyAV cannot decode
+VIDEO_NO_FRAMES = video.NO_FRAMES          # "video_no_frames": no video frame (sound only; "video": true, no image)
+VIDEO_MIXED_SIZES = video.MIXED_SIZES      # "video_mixed_sizes": a video's frames differ in size
+BAD_VIDEO_NAMES = "bad_video_names"        # video files that cannot be put in order (0.mp4, 2.mp4; mp4 + mkv),
+                                           # or video files beside frames given as images ("video": true)
+NO_VIDEO_TOKEN = "no_video_token"          # a video sample for a model without a video token
+VIDEO_CAPTION = "video_caption"            # a video with a txt caption and no conversation (caption
+                                           # prompts ask about an image)
 UNEXPECTED_ERROR = "unexpected_error"      # a bug or an input nobody foresaw; logged with the exception
 
 
@@ -196,3 +208,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def decode_video(data: bytes, frames_upbound: int) -> list[Image.Image]:
+    """The RGB frames of a video file's bytes, sampled uniformly up to `frames_upbound`
+    (multimodal.video.read_video, PyAV); SkipSample with the VideoError's reason (video_undecodable,
+    video_no_frames, video_mixed_sizes) when it cannot be used."""
+    try:
+        return video.read_video(bytes(data), frames_upbound)
+    except video.VideoError as error:
+        raise SkipSample(error.reason, str(error)) from None

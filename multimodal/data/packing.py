@@ -143,7 +143,8 @@ def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_i
     cost is the padding, which `padding_waste` measures. The images are concatenated in row-major
     placeholder order, the order VisionLanguageModel splices them in: a [N, 3, H, W] tensor in the
     fixed layout; in the anyres layout (samples with image_sizes) one ImageInputs, every sample's
-    views, sizes and view counts one after another.
+    views, sizes and view counts one after another, and every video's frames in video placeholder
+    order (frames_per_video) beside them.
     """
     input_ids = [[pad_id] * max_tokens for _ in rows]
     labels = [[IGNORE_INDEX] * max_tokens for _ in rows]
@@ -159,6 +160,8 @@ def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_i
             labels[r][start:end] = sample.labels
             if sample.image_sizes is not None:
                 pieces.append(sample)
+            elif sample.video_frames:
+                raise ValueError(f"sample {sample.key} has videos but no image_sizes: videos are for the anyres layout")
             else:
                 images.extend(sample.images)
             start = end
@@ -176,12 +179,16 @@ def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_i
 
 
 def anyres_inputs(samples: Sequence[TokenizedSample]) -> ImageInputs | None:
-    """The images of anyres samples, one after another, as one ImageInputs (None for none)."""
+    """The images and videos of anyres samples, one after another, as one ImageInputs (None for
+    none; videos without images: pixels of 0 views)."""
     views = [image for sample in samples for image in sample.images]
-    if not views:
+    videos = [frames for sample in samples for frames in sample.video_frames]
+    if not views and not videos:
         return None
-    return ImageInputs(torch.cat(views), [size for sample in samples for size in sample.image_sizes],
-                       [image.shape[0] for image in views])
+    pixels = torch.cat(views) if views else videos[0].new_zeros(0, *videos[0].shape[1:])
+    return ImageInputs(pixels, [size for sample in samples for size in sample.image_sizes],
+                       [image.shape[0] for image in views], torch.cat(videos) if videos else None,
+                       [frames.shape[0] for frames in videos])
 
 
 def padding_waste(batch: Batch) -> float:

@@ -6,19 +6,7 @@ import pytest
 from PIL import Image
 
 from multimodal.video import MIXED_SIZES, NO_FRAMES, UNDECODABLE, VideoError, read_video, uniform_frame_indices
-
-
-def write_video(path, frames: list[np.ndarray], codec: str = "ffv1") -> None:
-    """A lossless video (ffv1 in Matroska), so decoded frames equal what was written."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=4)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+from tests.multimodal.video_helpers import write_video
 
 
 def coloured(n: int, size=(48, 64)) -> list[np.ndarray]:
