@@ -28,7 +28,7 @@ from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_loader, dataset_for_model
 from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.layouts import ImageLayout, onevision_pinpoints
-from multimodal.model import VisionLanguageModel, _check_placeholder_token
+from multimodal.model import VisionLanguageModel
 from multimodal.resume_settings import check_data_layout
 
 MODULES = ("encoder", "projector", "decoder")
@@ -87,11 +87,7 @@ class StageConfig:
 
 def build_model(spec: ModelSpec) -> VisionLanguageModel:
     if spec.init_from and (Path(spec.init_from) / "config.json").exists():
-        # from_pretrained hands back a model ready for inference (eval mode); this one trains.
-        model = VisionLanguageModel.from_pretrained(spec.init_from).train()
-        if spec.video_token is not None:
-            add_video_token(model, spec.video_token)
-        return model
+        return from_saved(spec)
     tokenizer = load_tokenizer(spec.tokenizer)
     if spec.decoder in PRESETS:
         # A preset's vocabulary follows the tokenizer unless set explicitly (the demo's is small).
@@ -112,21 +108,29 @@ def build_model(spec: ModelSpec) -> VisionLanguageModel:
     return model
 
 
-def add_video_token(model: VisionLanguageModel, token: str) -> None:
-    """Give a model saved without a video token (a single-image stage's export) the video token
-    `token`, checked as VisionLanguageModel checks it; a model saved with another one: ValueError."""
-    token_id = model.tokenizer.token_to_id(token)
-    if model.video_token_id is not None:
-        if model.video_token_id != token_id:
-            raise ValueError(f"the saved model's video token is {model.tokenizer.id_to_token(model.video_token_id)!r}, "
-                             f"model.video_token asks for {token!r}")
-        return
-    _check_placeholder_token("video_token_id", token_id, model.tokenizer, model.decoder.config.vocab_size)
-    if token_id == model.image_token_id:
-        raise ValueError(f"video_token_id and image_token_id are the same token ({token_id})")
-    if not model.layout.is_anyres:
-        raise ValueError("videos need the anyres layout (OneVision's pooled frames); the saved model's is fixed")
-    model.video_token_id = token_id
+def from_saved(spec: ModelSpec) -> VisionLanguageModel:
+    """The model of a save_pretrained directory (spec.init_from), to train: its architecture and
+    weights, with the spec's image layout and video token where the spec sets them. That is how a
+    OneVision stage goes on from the one before: stage 1's export (fixed layout) trains on in the
+    anyres layout, with a new newline embedding; a single-image stage's export gains the video token
+    (no weights). A model saved with another video token than the spec's: ValueError."""
+    # from_pretrained hands back a model ready for inference (eval mode); this one trains.
+    saved = VisionLanguageModel.from_pretrained(spec.init_from).train()
+    layout = saved.layout if spec.layout is None else image_layout(spec.layout, saved.encoder.image_size)
+    video_token_id = saved.video_token_id
+    if spec.video_token is not None:
+        video_token_id = saved.tokenizer.token_to_id(spec.video_token)
+        if saved.video_token_id not in (None, video_token_id):
+            raise ValueError(f"{spec.init_from} was saved with the video token "
+                             f"{saved.tokenizer.id_to_token(saved.video_token_id)!r}; model.video_token asks for "
+                             f"{spec.video_token!r}")
+    if (layout, video_token_id) == (saved.layout, saved.video_token_id):
+        return saved
+    model = VisionLanguageModel(saved.encoder, saved.projector, saved.decoder, saved.tokenizer, saved.image_token_id,
+                                saved.loss_chunk_size, layout=layout, video_token_id=video_token_id)
+    if saved.layout.is_anyres and layout.is_anyres:
+        model.image_newline = saved.image_newline  # the trained one
+    return model.train()
 
 
 def load_lightning_weights(model: VisionLanguageModel, path: str) -> None:

@@ -72,7 +72,13 @@ def test_shipped_configs_parse(path):
 
     cli = LightningCLI(VLMModule, ShardDataModule, run=False, args=["--config", str(path)],
                        trainer_defaults={"logger": False})
-    assert cli.model.stage.train and cli.datamodule.train_config.shards
+    train = cli.datamodule.train_config
+    assert cli.model.stage.train and (train.shards or train.sources)
+    if "onevision" in path.name:  # OneVision's recipe: the 26th block, tanh GELU; tiles from stage 1.5 on
+        assert cli.model.spec.encoder["feature_layer"] == -2 and cli.model.spec.encoder["activation"] == "gelu_tanh"
+        layout = (cli.model.spec.layout or {}).get("kind", "fixed")
+        assert layout == ("fixed" if path.name.endswith("-stage1.yaml") else "anyres")
+        assert (cli.model.spec.video_token is not None) == path.name.endswith("stage2-ov.yaml")
 
 
 def test_console_script_help():

@@ -160,3 +160,27 @@ def test_video_token_setting(tokenizer, tmp_path):
     single_image = str(tmp_path / "single-image")
     with pytest.raises(ValueError, match="same token"):
         build_model(dataclasses.replace(spec, init_from=single_image, video_token="<|reserved_token_1|>"))
+
+
+def test_a_next_onevision_stage_starts_from_the_previous_export_in_its_own_layout(tokenizer, tmp_path):
+    """Stage 1's export (fixed layout) -> stage 1.5 (anyres): the same weights, a new newline; an
+    anyres export keeps its trained newline."""
+    from multimodal.training import build_model
+
+    tokenizer.save(tmp_path / "tokenizer")
+    spec = ModelSpec(tokenizer=str(tmp_path / "tokenizer"), decoder="tiny", encoder={"model_name": TINY_SIGLIP_384})
+    stage1 = build_model(spec)
+    assert not stage1.layout.is_anyres
+    stage1.save_pretrained(tmp_path / "stage1")
+    mid = build_model(dataclasses.replace(spec, init_from=str(tmp_path / "stage1"), layout={"kind": "anyres"}))
+    assert mid.layout.is_anyres and mid.layout.grid_pinpoints[0] == (384, 384) and mid.training
+    weights = stage1.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in mid.state_dict().items() if k != "image_newline")
+    with torch.no_grad():
+        mid.image_newline.fill_(0.5)
+    mid.save_pretrained(tmp_path / "mid")
+    ov = build_model(dataclasses.replace(spec, init_from=str(tmp_path / "mid"), layout={"kind": "anyres"},
+                                         video_token="<|reserved_token_2|>"))
+    assert ov.video_token_id == tokenizer.reserved_token_id(2) and torch.all(ov.image_newline == 0.5)
+    # No layout in the spec: the saved model's stands.
+    assert build_model(dataclasses.replace(spec, init_from=str(tmp_path / "mid"))).layout == mid.layout
