@@ -194,12 +194,14 @@ def test_dataloader_workers_die_with_a_sigkilled_trainer(tokenizer, tmp_path, wa
         assert all(state is not None and state[0] != "Z" for state in started.values())
     finally:
         kill(child)
-    time.sleep(10)
 
     def alive(pid: int) -> bool:  # the same process (not a new one with its PID), and not a zombie
         state = process_state(pid)
         return state is not None and state[1] == started[pid][1] and state[0] != "Z"
 
+    deadline = time.monotonic() + 10  # the bar: none alive 10 s after the kill
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     survivors = [pid for pid in workers if alive(pid)]
     for pid in survivors:  # do not leave them running after a failure
         os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,7 @@
 """The VLM built from a Salamandra checkpoint directory in the released layout (tests/real_layout.py),
 and the shipped presets for the real models (configs/salamandra-*.yaml), built on the meta device."""
 
+import re
 from pathlib import Path
 
 import open_clip
@@ -16,7 +17,7 @@ from encoders import OpenCLIPEncoder
 from lm import Decoder, LMConfig
 from lm.loss import IGNORE_INDEX
 from multimodal.conversation import tokenize_conversation
-from multimodal.training import ModelSpec, StageConfig, build_model
+from multimodal.training import ModelSpec, StageConfig, build_model, image_layout
 from tests.multimodal.tiny import TINY_CLIP
 from tests.real_layout import write_salamandra_checkpoint
 
@@ -86,10 +87,15 @@ def test_text_conversations_match_transformers(checkpoint, vlm, index, add_gener
 # --- the shipped presets for the real models -------------------------------------------------------
 
 
+ONEVISION_STAGES = {"stage1": None, "stage1.5": "stage1", "stage2-si": "stage1.5", "stage2-ov": "stage2-si"}
+
+
 def test_every_real_model_preset_is_shipped():
     names = {p.name for p in REAL_CONFIGS}
-    assert names == {f"salamandra-{size}-{tower}-stage{stage}.yaml"
-                     for size in ("2b", "7b") for tower in ("siglip", "clip") for stage in (1, 2)}
+    llava = {f"salamandra-{size}-{tower}-stage{stage}.yaml"
+             for size in ("2b", "7b") for tower in ("siglip", "clip") for stage in (1, 2)}
+    onevision = {f"salamandra-{size}-onevision-{stage}.yaml" for size in ("2b", "7b") for stage in ONEVISION_STAGES}
+    assert names == llava | onevision
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: p.name)
@@ -97,7 +103,7 @@ def test_real_model_preset_builds_on_the_meta_device(path):
     config = yaml.safe_load(path.read_text())
     spec = ModelSpec(**config["model"]["model"])
     stage = StageConfig(**config["model"]["stage"])
-    size, tower, stage_name = path.stem.split("-")[1:]
+    size, tower, stage_name = re.fullmatch(r"salamandra-(2b|7b)-(siglip|clip|onevision)-(stage[\w.-]+)", path.stem).groups()
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert spec.tokenizer == spec.decoder and "salamandra-" + size in spec.decoder
     assert spec.encoder["model_name"] in open_clip.list_models()
@@ -107,18 +113,31 @@ def test_real_model_preset_builds_on_the_meta_device(path):
         assert spec.init_from is None
     else:
         assert sorted(stage.train) == ["decoder", "encoder", "projector"] and stage.gradient_checkpointing
-        assert stage.lr["decoder"] == 2e-5 and stage.lr["encoder"] < stage.lr["decoder"]
-        assert spec.init_from.endswith(f"salamandra-{size}-{tower}/stage1")
+        assert stage.lr["encoder"] < stage.lr["decoder"]
+        if tower == "onevision":  # LLaVA-NeXT's OneVision scripts: 1e-5, the tower 2e-6
+            assert stage.lr == {"encoder": 2e-6, "projector": 1e-5, "decoder": 1e-5}
+            assert spec.init_from.endswith(f"salamandra-{size}-onevision/{ONEVISION_STAGES[stage_name]}")
+        else:
+            assert stage.lr["decoder"] == 2e-5
+            assert spec.init_from.endswith(f"salamandra-{size}-{tower}/stage1")
+    if tower == "onevision":
+        layout = image_layout(spec.layout, 384)
+        assert layout.kind == ("fixed" if stage_name == "stage1" else "anyres")
+        if layout.is_anyres:
+            assert len(layout.grid_pinpoints) == (5 if stage_name == "stage1.5" else 36) and layout.max_tiles == 9
+        assert (spec.video_token is not None) == (stage_name == "stage2-ov")
 
     options = {k: v for k, v in spec.encoder.items() if k != "pretrained"}
     with torch.device("meta"):
         encoder = OpenCLIPEncoder(**options)
         decoder = Decoder(LMConfig.from_name(f"salamandra-{size}"))
         proj = projector.build(in_dim=encoder.hidden_size, out_dim=decoder.config.d_model, **spec.projector)
-    if tower == "siglip":  # Salamandra vision: 27 x 27 patches of the last layer, width 1152
+    if tower in ("siglip", "onevision"):  # Salamandra vision: 27 x 27 patches of the 26th of 27 blocks, width 1152
         assert (encoder.image_size, encoder.hidden_size, encoder.num_tokens) == (384, 1152, 729)
-        assert encoder.num_layers == encoder.num_layers_total == 27
+        assert encoder.num_layers == encoder.num_layers_total - 1 == 26
         assert encoder.mean == (0.5, 0.5, 0.5)
+        tanh = [m for m in encoder.modules() if getattr(m, "approximate", None) == "tanh" or type(m).__name__ == "GELUTanh"]
+        assert bool(tanh) == (tower == "onevision")
     else:  # LLaVA-1.5: 24 x 24 patches of the penultimate layer, width 1024, QuickGELU
         assert (encoder.image_size, encoder.hidden_size, encoder.num_tokens) == (336, 1024, 576)
         assert encoder.num_layers == encoder.num_layers_total - 1 == 23
