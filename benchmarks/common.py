@@ -12,8 +12,13 @@ and imports this module as `benchmarks.common`.
   avx512_bf16 / amx_bf16, else float32).
 - `add_model_args(parser, **defaults)`, `build_vlm(args, max_seq_len)`: the ~50M-parameter model of
   train_step and decode (open_clip ViT tower, depth-2 MLP projector, Llama-shaped decoder).
+- `build_onevision_vlm(args, max_seq_len)`: the same decoder and projector behind a SigLIP-style
+  timm tower at OneVision's geometry (`register_siglip_tower`: 384 px / patch 14 by default, 729
+  tokens a view), in LLaVA-OneVision's anyres layout (train_step_onevision).
 - `load_hf_llava(model, directory, dtype)`: the same weights as transformers'
-  LlavaForConditionalGeneration (sdpa attention), through `multimodal.export.export_hf_llava`.
+  LlavaForConditionalGeneration (sdpa attention), through `multimodal.export.export_hf_llava`;
+  `load_hf_llava_onevision(...)`: LlavaOnevisionForConditionalGeneration, through
+  `multimodal.export_onevision.export_hf_llava_onevision`.
 - `FlopModel.of(model).training_flops(sample_lengths, images)`: useful FLOPs of a training step.
 - `sync(device)`, `timed(fn, device)`, `median_seconds(runs, warmup, repeats)`,
   `matmul_tflops(n, dtype, device)`, `matmul_timer(...)`: timing (runs alternate, so a slow stretch of a shared machine
@@ -180,7 +185,6 @@ def build_vlm(args: argparse.Namespace, max_seq_len: int = 2048, seed: int = 0):
     tokenizer's, as Salamandra's output head is a large share of its work."""
     import projector
     from encoders import OpenCLIPEncoder
-    from lm import Decoder, LMConfig
     from lm.tokenizer import train_tokenizer
     from multimodal import VisionLanguageModel
 
@@ -193,12 +197,71 @@ def build_vlm(args: argparse.Namespace, max_seq_len: int = 2048, seed: int = 0):
                        "layers": args.vision_layers, "head_width": args.vision_width // heads},
     }
     encoder = OpenCLIPEncoder(clip, feature_layer=-2, drop_cls=True)
-    decoder = Decoder(LMConfig(
+    proj = projector.build("mlp", encoder.hidden_size, args.d_model, depth=2)
+    return VisionLanguageModel(encoder, proj, _decoder(args, max_seq_len), tokenizer,
+                               image_token_id=tokenizer.reserved_token_id(1))
+
+
+def _decoder(args: argparse.Namespace, max_seq_len: int):
+    """The Llama-shaped decoder of the sizes in `args` (sdpa attention)."""
+    from lm import Decoder, LMConfig
+
+    return Decoder(LMConfig(
         vocab_size=args.vocab_size, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
         n_kv_heads=args.kv_heads, d_ff=args.d_ff, max_seq_len=max_seq_len, attention="sdpa",
     ))
+
+
+def register_siglip_tower(image_size: int, patch_size: int, width: int, depth: int, heads: int) -> str:
+    """Register with timm (once) a SigLIP-style ViT of these sizes, random weights, no download: timm's
+    vit_base_patch16_siglip_224 (what open_clip's SigLIP configs build) at another resolution, patch,
+    width and depth; returns its timm name, which says the sizes."""
+    import timm
+    from timm.models import register_model
+
+    name = f"vit_salamandra_bench_siglip{image_size}_p{patch_size}_w{width}_d{depth}_h{heads}"
+    if timm.is_model(name):
+        return name
+
+    def create(pretrained: bool = False, **kwargs):
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=image_size,
+                                 patch_size=patch_size, embed_dim=width, depth=depth, num_heads=heads, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
+    register_model(create)
+    return name
+
+
+def build_onevision_vlm(args: argparse.Namespace, max_seq_len: int = 16384, seed: int = 0):
+    """A VisionLanguageModel in LLaVA-OneVision's anyres layout (anyres_max_9 over the 36 pinpoints of
+    --image-size tiles), random weights: a SigLIP-style timm tower (register_siglip_tower: --image-size,
+    --patch-size, --vision-width, --vision-layers blocks of which the last is dropped, feature layer -2
+    as OneVision keeps 26 of SigLIP's 27; tanh GELU; mean and std 0.5; all tokens kept), the MLP
+    projector of depth 2, the decoder of build_vlm, an image and a video placeholder token."""
+    import projector
+    from encoders import OpenCLIPEncoder
+    from lm.tokenizer import train_tokenizer
+    from multimodal import VisionLanguageModel
+    from multimodal.layouts import ImageLayout, onevision_pinpoints
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=420)
+    heads = max(1, args.vision_width // 64)
+    tower = register_siglip_tower(args.image_size, args.patch_size, args.vision_width, args.vision_layers, heads)
+    siglip = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": args.image_size, "timm_model_name": tower, "timm_model_pretrained": False,
+                       "timm_pool": "map", "timm_proj": "none"},
+    }
+    encoder = OpenCLIPEncoder(siglip, feature_layer=-2, activation="gelu_tanh",
+                              preprocess_cfg={"mean": 0.5, "std": 0.5, "resize_mode": "squash"})
     proj = projector.build("mlp", encoder.hidden_size, args.d_model, depth=2)
-    return VisionLanguageModel(encoder, proj, decoder, tokenizer, image_token_id=tokenizer.reserved_token_id(1))
+    layout = ImageLayout.anyres("anyres_max_9", onevision_pinpoints(args.image_size))
+    return VisionLanguageModel(encoder, proj, _decoder(args, max_seq_len), tokenizer,
+                               image_token_id=tokenizer.reserved_token_id(1), layout=layout,
+                               video_token_id=tokenizer.reserved_token_id(2))
 
 
 def transformers_dtype_kwarg() -> str:
@@ -223,6 +286,19 @@ def load_hf_llava(model, directory: Path, dtype: torch.dtype = torch.float32, at
     return hf, Path(out)
 
 
+def load_hf_llava_onevision(model, directory: Path, dtype: torch.dtype = torch.float32, attention: str = "sdpa"):
+    """`model` (anyres layout) written with export_hf_llava_onevision under `directory` and read back
+    as transformers' LlavaOnevisionForConditionalGeneration. Returns (hf_model, export directory)."""
+    import transformers
+
+    from multimodal.export_onevision import export_hf_llava_onevision
+
+    out = export_hf_llava_onevision(model, Path(directory) / "llava-onevision")
+    hf = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+        out, attn_implementation=attention, **{transformers_dtype_kwarg(): dtype})
+    return hf, Path(out)
+
+
 def param_count(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Parameters of `module`, without those whose name contains any of `skip`."""
     return sum(p.numel() for name, p in module.named_parameters() if not any(k in name for k in skip))
@@ -237,7 +313,10 @@ class FlopModel:
                 square; causal=True counts half of it, 6 * L * d * s^2);
       vision    3 * (2 * N_v + 4 * L_v * d_v * T_v) per image token (a trained tower; N_v without
                 the position table, L_v the blocks that run, T_v its tokens per image);
-      projector 6 * N_p per image token."""
+      projector 6 * N_p per image token.
+    An "image" here is one input of the encoder: an image in the fixed layout, a view (base view or
+    tile) in the anyres layout, whose projector keeps every token (the newline embeddings, the
+    unpadding and the bilinear reduction of OneVision's layout are not counted)."""
 
     n_decoder: int
     layers: int
@@ -247,7 +326,7 @@ class FlopModel:
     vision_width: int
     vision_tokens: int
     n_projector: int
-    image_tokens: int  # decoder tokens per image
+    image_tokens: int  # projector output tokens per encoder input (image or view)
 
     @classmethod
     def of(cls, model) -> "FlopModel":
@@ -257,11 +336,13 @@ class FlopModel:
             layers=decoder.config.n_layers, d_model=decoder.config.d_model,
             n_vision=param_count(encoder, skip=("pos_embed", "positional_embedding")),
             vision_layers=encoder.num_layers, vision_width=encoder.hidden_size, vision_tokens=encoder.num_tokens,
-            n_projector=param_count(model.projector), image_tokens=model.num_image_tokens,
+            n_projector=param_count(model.projector),
+            image_tokens=model.projector.num_output_tokens(encoder.num_tokens),
         )
 
     def training_flops(self, sample_lengths: list[int], images: int, causal: bool = False) -> float:
-        """Useful FLOPs of one stage-2 step over samples of these lengths holding `images` images."""
+        """Useful FLOPs of one stage-2 step over samples of these lengths holding `images` images
+        (encoder inputs: views in the anyres layout)."""
         attention = (6 if causal else 12) * self.layers * self.d_model
         decoder = sum(6 * self.n_decoder * n + attention * n * n for n in sample_lengths)
         per_vision_token = 2 * self.n_vision + 4 * self.vision_layers * self.vision_width * self.vision_tokens
