@@ -154,6 +154,31 @@ def hf_step(model, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Ten
     return loss.detach()
 
 
+def alternate_steps(our_side: tuple, hf_side: tuple, matmul_n: int) -> tuple[float, float, list, list, float]:
+    """Both sides' training steps ((model, optimizer, batches) each), alternated step by step so that
+    both see the same machine load over the run: (our seconds, HF seconds, our losses, HF losses,
+    the fp32 matmul peak in TFLOP/s at this thread count). The peak is the best of rounds timed
+    before, between and after the steps: what the machine does when least disturbed (on a shared
+    machine a round between steps sees the load the steps saw)."""
+    (ours, our_optimizer, mine), (hf, hf_optimizer, theirs) = our_side, hf_side
+    matmul = matmul_timer(matmul_n, torch.float32, iters=1)
+    matmul_peak = matmul_tflops(matmul_n, torch.float32)
+    our_seconds = hf_seconds = 0.0
+    our_losses, hf_losses = [], []
+    for step in range(max(len(mine), len(theirs))):
+        if step < len(mine):
+            start = time.perf_counter()
+            our_losses.append(our_step(ours, our_optimizer, mine[step]))
+            our_seconds += time.perf_counter() - start
+        if step < len(theirs):
+            start = time.perf_counter()
+            hf_losses.append(hf_step(hf, hf_optimizer, theirs[step]))
+            hf_seconds += time.perf_counter() - start
+        matmul_peak = max(matmul_peak, matmul())
+    matmul_peak = max(matmul_peak, matmul_tflops(matmul_n, torch.float32))
+    return our_seconds, hf_seconds, our_losses, hf_losses, matmul_peak
+
+
 def same_computation(ours: VisionLanguageModel, hf, samples: list[TokenizedSample], pad_id: int) -> dict[str, float]:
     """Loss and output-head gradient of the same samples on both sides (ours packed into one row,
     theirs padded), before any step: the timed steps compute the same thing."""
@@ -210,26 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = hf_batches(samples, args.hf_batch_size, pad_id)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
-    # The fp32 matmul peak of this machine at this thread count: the best of rounds timed before,
-    # between and after the steps (the peak is what the machine does when least disturbed; on a
-    # shared machine a round between steps sees the load the steps saw).
-    matmul = matmul_timer(args.matmul_n, torch.float32, iters=1)
-    matmul_peak = matmul_tflops(args.matmul_n, torch.float32)
-    our_seconds = hf_seconds = 0.0
-    our_losses, hf_losses = [], []
-    # Alternate step by step, so that both see the same machine load over the run.
-    for step in range(max(len(mine), len(theirs))):
-        if step < len(mine):
-            start = time.perf_counter()
-            our_losses.append(our_step(ours, our_optimizer, mine[step]))
-            our_seconds += time.perf_counter() - start
-        if step < len(theirs):
-            start = time.perf_counter()
-            hf_losses.append(hf_step(hf, hf_optimizer, theirs[step]))
-            hf_seconds += time.perf_counter() - start
-        matmul_peak = max(matmul_peak, matmul())
-
-    matmul_peak = max(matmul_peak, matmul_tflops(args.matmul_n, torch.float32))
+    our_seconds, hf_seconds, our_losses, hf_losses, matmul_peak = alternate_steps(
+        (ours, our_optimizer, mine), (hf, hf_optimizer, theirs), args.matmul_n)
 
     our_tokens = sum(b.input_ids.numel() for b in mine)
     hf_tokens = sum(b["input_ids"].numel() for b in theirs)

@@ -51,7 +51,6 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +62,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    FlopModel, add_model_args, build_onevision_vlm, emit, load_hf_llava_onevision, machine_info, matmul_timer,
-    matmul_tflops,
+    FlopModel, add_model_args, build_onevision_vlm, emit, load_hf_llava_onevision, machine_info,
 )
-from benchmarks.train_step import hf_step, log_normal_length, our_step  # noqa: E402
+from benchmarks.train_step import alternate_steps, hf_step, log_normal_length, our_step  # noqa: E402
 from lm.loss import IGNORE_INDEX  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.batch import Batch  # noqa: E402
@@ -278,23 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = hf_batches(samples, args.hf_batch_size, pad_id, image_processor)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
-    matmul = matmul_timer(args.matmul_n, torch.float32, iters=1)
-    matmul_peak = matmul_tflops(args.matmul_n, torch.float32)
-    our_seconds = hf_seconds = 0.0
-    our_losses, hf_losses = [], []
     load = [machine_info()["load_avg_1m"]]
-    # Alternate step by step, so that both see the same machine load over the run.
-    for step in range(max(len(mine), len(theirs))):
-        if step < len(mine):
-            start = time.perf_counter()
-            our_losses.append(our_step(ours, our_optimizer, mine[step]))
-            our_seconds += time.perf_counter() - start
-        if step < len(theirs):
-            start = time.perf_counter()
-            hf_losses.append(hf_step(hf, hf_optimizer, theirs[step]))
-            hf_seconds += time.perf_counter() - start
-        matmul_peak = max(matmul_peak, matmul())
-    matmul_peak = max(matmul_peak, matmul_tflops(args.matmul_n, torch.float32))
+    our_seconds, hf_seconds, our_losses, hf_losses, matmul_peak = alternate_steps(
+        (ours, our_optimizer, mine), (hf, hf_optimizer, theirs), args.matmul_n)
     load.append(machine_info()["load_avg_1m"])
 
     our_tokens = sum(b.input_ids.numel() for b in mine)
