@@ -124,6 +124,18 @@ def write_shards(directory: Path, num_samples: int, num_shards: int, start: int 
     return paths, expected
 
 
+def write_sample_shards(directory: Path, name: str, shards: list[list[dict[str, bytes]]]) -> list[str]:
+    """One tar per list of WebDataset samples (dicts with their `__key__`), named {name}-000.tar, ..."""
+    paths = []
+    for index, samples in enumerate(shards):
+        path = directory / f"{name}-{index:03d}.tar"
+        with TarWriter(str(path)) as writer:
+            for sample in samples:
+                writer.write(sample)
+        paths.append(str(path))
+    return paths
+
+
 def split_rows(input_ids: torch.Tensor, layout: SeqLayout) -> list[list[list[int]]]:
     """Per row, the token ids of each packed sample."""
     rows = []

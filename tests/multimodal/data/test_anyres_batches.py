@@ -13,7 +13,6 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
-from webdataset import TarWriter
 
 from multimodal.data import (AnyresImages, DataConfig, SampleSettings, SkipSample, anyres_images, build_dataset,
                              build_loader, dataset_for_model, make_batch, to_tokenized_sample)
@@ -22,7 +21,8 @@ from multimodal.data.samples import image_fields
 from multimodal.layouts import ImageLayout, onevision_pinpoints
 from multimodal.layouts.inputs import ImageInputs
 from multimodal.layouts.views import sample_views
-from tests.multimodal.data.helpers import ANYRES_SIZES, anyres_sample, encoded, split_rows, textured_image
+from tests.multimodal.data.helpers import (ANYRES_SIZES, anyres_sample, encoded, split_rows, textured_image,
+                                          write_sample_shards)
 from tests.multimodal.data.test_resume import resume_after
 from tests.multimodal.layouts.tiny_onevision import build_tiny_onevision_vlm
 from tests.multimodal.tiny import build_tiny_vlm
@@ -85,14 +85,7 @@ def shards(tmp_path_factory) -> list[str]:
         anyres_sample("small2", [ANYRES_SIZES["small"]], 8, fmt="JPEG"),
         anyres_sample("square2", [ANYRES_SIZES["square"]], 9),
     ]
-    paths = []
-    for index, samples in enumerate((first, second)):
-        path = root / f"anyres-{index:03d}.tar"
-        with TarWriter(str(path)) as writer:
-            for sample in samples:
-                writer.write(sample)
-        paths.append(str(path))
-    return paths
+    return write_sample_shards(root, "anyres", [first, second])
 
 
 def raw_samples(shards: list[str]) -> dict[str, dict[str, bytes]]:

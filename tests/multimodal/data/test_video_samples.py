@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from webdataset import TarWriter
 
 from multimodal.data import (DataConfig, SampleSettings, SkipSample, anyres_images, build_loader, dataset_for_model,
                              make_batch, to_tokenized_sample)
@@ -26,7 +25,7 @@ from multimodal.data.samples import image_fields, video_fields
 from multimodal.layouts.inputs import ImageInputs
 from multimodal.layouts.views import video_views
 from multimodal.video import read_video, uniform_frame_indices
-from tests.multimodal.data.helpers import ANYRES_SIZES, encoded, split_rows, textured_image
+from tests.multimodal.data.helpers import ANYRES_SIZES, encoded, split_rows, textured_image, write_sample_shards
 from tests.multimodal.data.test_anyres_batches import placeholder_runs, raw_samples
 from tests.multimodal.data.test_resume import resume_after
 from tests.multimodal.layouts.tiny_onevision import build_tiny_onevision_vlm
@@ -133,15 +132,7 @@ def bad_samples(videos) -> dict[str, tuple[dict[str, bytes], str]]:
 def shards(tmp_path_factory, videos) -> list[str]:
     root = tmp_path_factory.mktemp("video-shards")
     good, bad = good_samples(videos), [{"__key__": key, **sample} for key, (sample, _) in bad_samples(videos).items()]
-    contents = [good[:3] + bad[:6], good[3:] + bad[6:]]
-    paths = []
-    for index, samples in enumerate(contents):
-        path = root / f"video-{index:03d}.tar"
-        with TarWriter(str(path)) as writer:
-            for sample in samples:
-                writer.write(sample)
-        paths.append(str(path))
-    return paths
+    return write_sample_shards(root, "video", [good[:3] + bad[:6], good[3:] + bad[6:]])
 
 
 def read(model, shards: list[str], num_workers: int = 0, plan=None, **options):
