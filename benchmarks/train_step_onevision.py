@@ -17,7 +17,7 @@ Samples (the same for both sides): images of five sizes (height x width: 150x200
 900x300, 480x640: 1317 to 2997 tokens alone, base view and 1 to 4 tiles), each as often as the
 count allows, in a seeded order; --two-image-share of the samples hold two of them (one square view
 and 730 tokens each). Each image's token count comes from model.image_token_counts, its views from
-the data path (multimodal.data.anyres: AnyresImages.views); pixels are random noise. Text lengths
+the data path (multimodal.layouts.anyres: AnyresImages.views); pixels are random noise. Text lengths
 are train_step.py's: half caption-like, half instruction-like with a long tail; only answers carry
 labels. The placeholders come after a few prompt tokens, each image followed by one more token.
 
@@ -68,7 +68,6 @@ from benchmarks.train_step import alternate_steps, hf_step, log_normal_length, o
 from lm.loss import IGNORE_INDEX  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.batch import Batch  # noqa: E402
-from multimodal.data.anyres import anyres_images  # noqa: E402
 from multimodal.data.packing import group_rows, make_batch, pack_samples  # noqa: E402
 from multimodal.data.samples import TokenizedSample  # noqa: E402
 
@@ -132,7 +131,7 @@ def make_samples(model: VisionLanguageModel, sizes: list[list[tuple[int, int]]],
                  rng: random.Random) -> list[Sample]:
     """One sample per entry of `sizes` (its images' (height, width)): prompt ids around the images,
     labels on the answer only, each image's views from the data path, noise pixels."""
-    anyres = anyres_images(model)
+    anyres = model.anyres
     vocab = model.decoder.config.vocab_size
     samples = []
     for index, sample_sizes in enumerate(sizes):

@@ -39,10 +39,10 @@ from multimodal.batch import Batch
 from multimodal.conversation import (IMAGE_MARKER, VIDEO_MARKER, count_images, messages_from_json,
                                      tokenize_conversation, with_image_markers)
 from multimodal.layouts import FIXED, ImageLayout
-from multimodal.layouts.geometry import Size, anyres_image_tokens, video_token_count
+from multimodal.layouts.anyres import AnyresImages
+from multimodal.layouts.geometry import Size
 from multimodal.layouts.inputs import ImageInputs
 from multimodal.layouts.packing import pack_image, pack_video
-from multimodal.layouts.views import sample_views, video_views
 from multimodal.prompts import caption_prompt
 from multimodal.video import read_video
 
@@ -136,7 +136,15 @@ class VisionLanguageModel(nn.Module):
         if self.projector.num_output_tokens(tokens) != tokens:
             raise ValueError("the anyres layout needs a projector that keeps every token (mlp or linear), not "
                              f"{self.projector.config().get('kind')!r}")
-        self.layout.check_tile(self.encoder.image_size)
+        self.anyres  # checks the pinpoints against the encoder's image size
+
+    @property
+    def anyres(self) -> AnyresImages | None:
+        """Every image's and video's token count and views in the anyres layout, the data path's
+        too (None in the fixed layout). Derived from the layout and the encoder each time."""
+        if not self.layout.is_anyres:
+            return None
+        return AnyresImages(self.layout, self.encoder.image_size, self.view_side, self.encoder.mean, self.encoder.std)
 
     @property
     def num_image_tokens(self) -> int:
@@ -154,16 +162,14 @@ class VisionLanguageModel(nn.Module):
 
     def image_token_counts(self, sizes: Sequence[Size]) -> list[int]:
         """Placeholders each image of one prompt (or sample) needs, given the images' (height, width)."""
-        if not self.layout.is_anyres:
+        if self.anyres is None:
             return [self.num_image_tokens] * len(sizes)
-        return [anyres_image_tokens(size, self.layout.grid_pinpoints, self.layout.max_tiles, self.view_side,
-                                    self.encoder.image_size, alone=len(sizes) == 1) for size in sizes]
+        return self.anyres.token_counts(sizes)
 
     def _input_token_counts(self, images: torch.Tensor | ImageInputs) -> list[int]:
         """The token count of each image of a batch's image input (in placeholder order)."""
         if isinstance(images, ImageInputs):
-            side = self.view_side
-            return [side * side + 1 if views == 1 else self.image_token_counts([size])[0]
+            return [self.anyres.min_tokens if views == 1 else self.image_token_counts([size])[0]
                     for size, views in zip(images.sizes, images.views)]
         return [self.num_image_tokens] * images.shape[0]
 
@@ -198,7 +204,7 @@ class VisionLanguageModel(nn.Module):
 
     def video_token_counts(self, frames_per_video: Sequence[int]) -> list[int]:
         """Placeholders each video needs: its frames' pooled grids and one newline."""
-        return [video_token_count(frames, self.view_side) for frames in frames_per_video]
+        return [self.anyres.video_tokens(frames) for frames in frames_per_video]
 
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | ImageInputs | None,
               layout: SeqLayout | None = None) -> torch.Tensor:
@@ -309,9 +315,9 @@ class VisionLanguageModel(nn.Module):
             return torch.stack([self.image_transform(image) for image in images]).to(weight.device, weight.dtype)
         if videos and self.video_token_id is None:
             raise ValueError("videos were given but this model has no video token (video_token_id)")
-        tile, mean, std = self.encoder.image_size, self.encoder.mean, self.encoder.std
-        views = sample_views(images, self.layout, tile, mean, std)
-        frames = [video_views(video, tile, mean, std) for video in videos]
+        views = self.anyres.views(images)
+        frames = [self.anyres.video_views(video) for video in videos]
+        tile = self.encoder.image_size
         inputs = ImageInputs(torch.cat(views) if views else torch.zeros(0, 3, tile, tile),
                              [(image.height, image.width) for image in images], [len(v) for v in views],
                              torch.cat(frames) if frames else None, [len(f) for f in frames])

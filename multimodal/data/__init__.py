@@ -28,7 +28,7 @@ from PIL import Image
 
 from encoders.transforms import ImageTransform, encoder_transform
 from lm.tokenizer import Tokenizer
-from multimodal.data.anyres import AnyresImages, anyres_images
+from multimodal.layouts.anyres import AnyresImages
 from multimodal.data.config import DataConfig, SourceConfig, resolve_sources
 from multimodal.data.decode import SkipSample
 from multimodal.data.dataset import ShardDataset, build_loader
@@ -45,7 +45,6 @@ __all__ = [
     "SkipSample",
     "SourceConfig",
     "TokenizedSample",
-    "anyres_images",
     "build_dataset",
     "dataset_for_model",
     "build_loader",
@@ -61,7 +60,7 @@ def dataset_for_model(config: DataConfig, model) -> ShardDataset:
     tokenizer and image placeholder; in the fixed layout its encoder's transform and token count per
     image, in the anyres layout its AnyresImages (each image's count from its size, its views) and
     its video placeholder (None: video samples are skipped as no_video_token)."""
-    anyres = anyres_images(model)
+    anyres = model.anyres
     if anyres is not None:
         return build_dataset(config, model.tokenizer, None, model.image_token_id, anyres=anyres,
                              video_token_id=getattr(model, "video_token_id", None))
@@ -84,7 +83,7 @@ def build_dataset(
 
     Fixed layout: `image_transform` maps an RGB PIL image to a [3, H, W] tensor
     (`encoder_transform(encoder)`) and every image takes `num_image_tokens` placeholders.
-    Anyres layout: `anyres` (data.anyres_images(model)) instead of both (give them as None); every
+    Anyres layout: `anyres` (data.model.anyres) instead of both (give them as None); every
     image's count then follows its size, and a Batch's pixels are ImageInputs.
     `image_token_id` is the model's placeholder token; `video_token_id` its video placeholder
     (anyres only; None: samples with videos are skipped as no_video_token).

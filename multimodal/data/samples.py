@@ -51,7 +51,7 @@ from multimodal.conversation import (
     tokenize_text,
     with_image_markers,
 )
-from multimodal.data.anyres import AnyresImages
+from multimodal.layouts.anyres import AnyresImages
 from multimodal.data.decode import (
     MAX_ASPECT_RATIO,
     MAX_IMAGE_PIXELS,
@@ -128,7 +128,7 @@ class SampleSettings:
     # transform's own image_size (an encoders.transforms.ImageTransform has one); 0: full decode.
     # The anyres layout always decodes in full (a tile grid follows the image's own size).
     decode_size: int | None = None
-    # The anyres layout (data.anyres): then `image_transform` and `num_image_tokens` are unused (None).
+    # The anyres layout (layouts.anyres): then `image_transform` and `num_image_tokens` are unused (None).
     anyres: AnyresImages | None = None
     # The model's video placeholder (anyres layout only); None: video samples are skipped (no_video_token).
     video_token_id: int | None = None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal.data import (AnyresImages, DataConfig, SampleSettings, SkipSample, anyres_images, build_dataset,
+from multimodal.data import (AnyresImages, DataConfig, SampleSettings, SkipSample, build_dataset,
                              build_loader, dataset_for_model, make_batch, to_tokenized_sample)
 from multimodal.data.decode import TOO_LONG, decode_image, image_size
 from multimodal.data.samples import image_fields
@@ -164,7 +164,7 @@ def test_batches_hold_each_images_own_count_and_views_and_the_model_runs(onevisi
 
 
 def test_worker_settings_count_like_the_model(onevision, tokenizer):
-    settings = anyres_images(onevision)
+    settings = onevision.anyres
     assert settings == AnyresImages(onevision.layout, 384, 27, (0.5,) * 3, (0.5,) * 3)
     # The reference table of transformers' LlavaOnevisionProcessor (docs: onevision.md 1.3).
     table = {(384, 384): 1485, (480, 640): 2929, (640, 480): 2943, (300, 1000): 2779, (1000, 300): 2835,
@@ -173,7 +173,7 @@ def test_worker_settings_count_like_the_model(onevision, tokenizer):
         assert settings.token_counts([size]) == onevision.image_token_counts([size]) == [tokens], size
     pair = [(480, 640), (1080, 1920)]
     assert settings.token_counts(pair) == onevision.image_token_counts(pair) == [730, 730]
-    assert anyres_images(build_tiny_vlm(tokenizer)) is None
+    assert build_tiny_vlm(tokenizer).anyres is None
 
 
 def test_image_size_reads_the_header_as_decoding_shows_it():
@@ -205,7 +205,7 @@ def test_image_size_reads_the_header_as_decoding_shows_it():
 
 def test_too_long_is_decided_from_the_headers(onevision, monkeypatch):
     settings = SampleSettings(onevision.tokenizer, None, onevision.image_token_id, None, max_tokens=2000,
-                              anyres=anyres_images(onevision))
+                              anyres=onevision.anyres)
     calls = []
     monkeypatch.setattr("multimodal.data.samples.decode_image", lambda data, **options: calls.append(data))
     # 900x300 alone: 2835 tokens > 2000. Two of them: 730 each, which fits.
@@ -221,7 +221,7 @@ def test_too_long_is_decided_from_the_headers(onevision, monkeypatch):
 
 def test_an_orientation_seen_only_on_decoding_recounts_the_tokens(onevision):
     settings = SampleSettings(onevision.tokenizer, None, onevision.image_token_id, None, max_tokens=MAX_TOKENS,
-                              anyres=anyres_images(onevision))
+                              anyres=onevision.anyres)
     data = late_exif_png(ANYRES_SIZES["wide"], 3, orientation=6)
     assert image_size(data) == ANYRES_SIZES["wide"]  # the header: stored wide
     decoded = decode_image(data)
@@ -234,7 +234,7 @@ def test_an_orientation_seen_only_on_decoding_recounts_the_tokens(onevision):
 
 
 def test_anyres_settings_are_checked(onevision, tokenizer, shards):
-    anyres = anyres_images(onevision)
+    anyres = onevision.anyres
     with pytest.raises(ValueError, match="pad_to_square"):
         dataset_for_model(DataConfig(shards, max_tokens=MAX_TOKENS, pad_to_square=True), onevision)
     with pytest.raises(ValueError, match="leaves no room"):
@@ -255,7 +255,7 @@ def test_anyres_settings_are_checked(onevision, tokenizer, shards):
 
 def test_make_batch_concatenates_the_samples_pieces_and_refuses_a_mix(onevision):
     settings = SampleSettings(onevision.tokenizer, None, onevision.image_token_id, None, max_tokens=MAX_TOKENS,
-                              anyres=anyres_images(onevision))
+                              anyres=onevision.anyres)
     a = to_tokenized_sample(anyres_sample("a", [ANYRES_SIZES["wide"]], 1), settings)
     b = to_tokenized_sample({"__key__": "b", "txt": b"Only words."}, settings)
     c = to_tokenized_sample(anyres_sample("c", [ANYRES_SIZES["small"], ANYRES_SIZES["tall"]], 2), settings)

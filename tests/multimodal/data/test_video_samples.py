@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal.data import (DataConfig, SampleSettings, SkipSample, anyres_images, build_loader, dataset_for_model,
+from multimodal.data import (DataConfig, SampleSettings, SkipSample, build_loader, dataset_for_model,
                              make_batch, to_tokenized_sample)
 from multimodal.data.decode import (BAD_VIDEO_NAMES, NO_VIDEO_TOKEN, PLACEHOLDER_MISMATCH, TOO_LONG, VIDEO_CAPTION,
                                     VIDEO_MIXED_SIZES, VIDEO_NO_FRAMES, VIDEO_UNDECODABLE, decode_image)
@@ -48,7 +48,7 @@ def onevision(tokenizer):
 
 def settings_for(model, max_tokens: int = MAX_TOKENS, video: bool = True) -> SampleSettings:
     return SampleSettings(model.tokenizer, None, model.image_token_id, None, max_tokens=max_tokens,
-                          anyres=anyres_images(model), video_token_id=model.video_token_id if video else None)
+                          anyres=model.anyres, video_token_id=model.video_token_id if video else None)
 
 
 def frames(count: int, seed: int, size: tuple[int, int] = FRAME) -> list[np.ndarray]:

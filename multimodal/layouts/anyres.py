@@ -1,8 +1,9 @@
-"""What a DataLoader worker needs to give a sample's images the anyres layout of the model being
-trained (LLaVA-OneVision's: an image alone in its sample becomes its base view and tiles, images
+"""AnyresImages: a model's anyres layout applied to its encoder, the one source of every image's and
+video's token count and views, for the model (VisionLanguageModel.anyres) and for the DataLoader
+workers of the data path, which get it from the model. It gives a sample's images the layout (LLaVA-OneVision's: an image alone in its sample becomes its base view and tiles, images
 beside others one square view each; a video's frames one squashed view each, pooled 2x2): the
 layout, the encoder's tile size, a view's token grid side and the encoder's mean and std. Plain
-values, picklable; taken from the model by `anyres_images`.
+values, picklable.
 
 Token counts come from the images' sizes alone (multimodal.layouts.geometry), so a sample's length
 is known from its images' headers, before any pixel is decoded; the views are those of
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from PIL import Image
@@ -72,12 +72,3 @@ class AnyresImages:
         """The encoder's input views of one video's frames, [F, 3, tile, tile], as the model's own
         preprocess makes them (layouts.views.video_views)."""
         return video_views(frames, self.tile, self.mean, self.std)
-
-
-def anyres_images(model: Any) -> AnyresImages | None:
-    """The anyres settings of `model` (a VisionLanguageModel), or None when its layout is fixed."""
-    layout: ImageLayout = model.layout
-    if not layout.is_anyres:
-        return None
-    encoder = model.encoder
-    return AnyresImages(layout, int(encoder.image_size), int(model.view_side), tuple(encoder.mean), tuple(encoder.std))
