@@ -23,8 +23,10 @@ labels. The placeholders come after a few prompt tokens, each image followed by 
 
 Inputs, as each side trains:
 - ours: packed first-fit into rows of --max-tokens (multimodal.data.packing: pack_samples,
-  group_rows, make_batch: one ImageInputs per step), --rows rows per step; every row is
-  --max-tokens long, so the last, partly filled row's padding counts as waste;
+  group_rows, make_batch: one ImageInputs per step), --rows rows per step, each step's rows cut
+  after its longest row rounded up to 64 tokens, as the OneVision presets train (data.train
+  trim_rows); --fixed-rows pads every row to --max-tokens (the data path's default), so that a
+  partly filled row's padding is computed and counts as waste;
 - Hugging Face: --hf-batch-size samples per step, right-padded to the longest (attention_mask,
   labels -100 on padding), as peers fine-tune with transformers' Trainer and a padding collator.
   The pixels come from transformers' own image processor (LlavaOnevisionImageProcessorPil, which
@@ -68,7 +70,7 @@ from benchmarks.train_step import alternate_steps, hf_step, log_normal_length, o
 from lm.loss import IGNORE_INDEX  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
 from multimodal.batch import Batch  # noqa: E402
-from multimodal.data.packing import group_rows, make_batch, pack_samples  # noqa: E402
+from multimodal.data.packing import TRIM_MULTIPLE, group_rows, make_batch, pack_samples  # noqa: E402
 from multimodal.data.samples import TokenizedSample  # noqa: E402
 
 # (height, width): small, square, wide, tall, a 4:3 photo.
@@ -85,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--max-tokens", type=int, default=8192,
                       help="our packed row length (an image alone takes 1317-2997 tokens here)")
     data.add_argument("--rows", type=int, default=1, help="our packed rows per step")
+    data.add_argument("--fixed-rows", action="store_true",
+                      help="pad our rows to --max-tokens instead of cutting them after the longest row")
     data.add_argument("--hf-batch-size", type=int, default=4, help="samples per Hugging Face step")
     data.add_argument("--samples", type=int, default=12, help="timed samples, the same for both sides")
     data.add_argument("--two-image-share", type=float, default=0.2, help="share of samples with two images")
@@ -162,9 +166,10 @@ def make_samples(model: VisionLanguageModel, sizes: list[list[tuple[int, int]]],
     return samples
 
 
-def our_batches(samples: list[Sample], max_tokens: int, rows: int, pad_id: int) -> list[Batch]:
+def our_batches(samples: list[Sample], max_tokens: int, rows: int, pad_id: int, trim: bool) -> list[Batch]:
     packed = pack_samples(samples, max_tokens, buffer_size=64)
-    return [make_batch(group, max_tokens, pad_id) for group in group_rows(packed, rows)]
+    return [make_batch(group, max_tokens, pad_id, trim_to_multiple=TRIM_MULTIPLE if trim else None)
+            for group in group_rows(packed, rows)]
 
 
 def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, image_processor) -> list[dict[str, torch.Tensor]]:
@@ -265,13 +270,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup:
         warmup_samples = make_samples(ours, image_sizes(args.warmup * args.hf_batch_size, args.two_image_share, rng),
                                       args.max_tokens, rng)
-        for batch in our_batches(warmup_samples, args.max_tokens, args.rows, pad_id)[:args.warmup]:
+        for batch in our_batches(warmup_samples, args.max_tokens, args.rows, pad_id, not args.fixed_rows)[:args.warmup]:
             our_step(ours, our_optimizer, batch)
         for inputs in hf_batches(warmup_samples, args.hf_batch_size, pad_id, image_processor)[:args.warmup]:
             hf_step(hf, hf_optimizer, inputs)
 
     samples = make_samples(ours, image_sizes(args.samples, args.two_image_share, rng), args.max_tokens, rng)
-    mine = our_batches(samples, args.max_tokens, args.rows, pad_id)
+    mine = our_batches(samples, args.max_tokens, args.rows, pad_id, not args.fixed_rows)
     theirs = hf_batches(samples, args.hf_batch_size, pad_id, image_processor)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hf_params": hf_params,
         "max_tokens": args.max_tokens,
         "rows_per_step": args.rows,
+        "our_rows": "fixed" if args.fixed_rows else f"trimmed to a multiple of {TRIM_MULTIPLE}",
         "hf_batch_size": args.hf_batch_size,
         "warmup_steps": args.warmup,
         "adamw": args.adamw,

@@ -34,6 +34,10 @@ class DataConfig:
     sources: instead of shards, several sources mixed by weight: [{name, shards, weight}, ...].
     max_tokens: tokens per packed row; a longer sample is skipped (too_long).
     rows_per_batch: packed rows per Batch.
+    trim_rows: pad each Batch's rows to its longest row, rounded up to a multiple of 64 tokens,
+      instead of to max_tokens. Saves the compute of trailing padding where rows are not full (long
+      samples such as anyres images, the end of the data); the price is varying shapes: the first
+      step is no longer the largest (memory), and compiled blocks see up to max_tokens/64 lengths.
     shuffle_buffer: raw samples each worker shuffles over; 0 turns shuffling (samples and shards)
       off, for validation.
     pack_buffer: the most samples the packer holds in open rows; more gives fuller rows.
@@ -54,6 +58,7 @@ class DataConfig:
     shards: str | list[str] | None = None
     max_tokens: int = 2048
     rows_per_batch: int = 1
+    trim_rows: bool = False
     shuffle_buffer: int = 1000
     pack_buffer: int = 64
     seed: int = 0

@@ -134,27 +134,41 @@ def group_rows(rows: Iterable[Item], rows_per_batch: int) -> Iterator[list[Item]
     return Grouper(rows_per_batch).groups(rows)
 
 
-def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_id: int,
-               skipped: dict[str, int] | None = None) -> Batch:
-    """A Batch of packed rows, each padded to `max_tokens`.
+# Trimmed rows are padded to a multiple of this: few distinct shapes for compiled blocks, and
+# lengths that suit GPU matrix tiles.
+TRIM_MULTIPLE = 64
 
-    Every row has the same fixed length, so the memory a step needs is known from the first step
-    (no late out-of-memory on an unlucky batch) and shapes stay static for compiled kernels; the
-    cost is the padding, which `padding_waste` measures. The images are concatenated in row-major
+
+def make_batch(rows: Sequence[Sequence[TokenizedSample]], max_tokens: int, pad_id: int,
+               skipped: dict[str, int] | None = None, trim_to_multiple: int | None = None) -> Batch:
+    """A Batch of packed rows, each padded to `max_tokens`, or, with `trim_to_multiple`, to the
+    longest row's length rounded up to that multiple (at most `max_tokens`).
+
+    By default every row has the same fixed length, so the memory a step needs is known from the
+    first step (no late out-of-memory on an unlucky batch) and shapes stay static for compiled
+    kernels; the cost is the padding, which `padding_waste` measures. Trimming removes the padding
+    that no row of the Batch needs (DataConfig.trim_rows). The images are concatenated in row-major
     placeholder order, the order VisionLanguageModel splices them in: a [N, 3, H, W] tensor in the
     fixed layout; in the anyres layout (samples with image_sizes) one ImageInputs, every sample's
     views, sizes and view counts one after another, and every video's frames in video placeholder
     order (frames_per_video) beside them.
     """
-    input_ids = [[pad_id] * max_tokens for _ in rows]
-    labels = [[IGNORE_INDEX] * max_tokens for _ in rows]
+    if trim_to_multiple is not None:
+        if trim_to_multiple < 1:
+            raise ValueError(f"trim_to_multiple must be >= 1, got {trim_to_multiple}")
+        longest = max((sum(len(sample) for sample in row) for row in rows), default=0)
+        length = min(max_tokens, -(-max(longest, 1) // trim_to_multiple) * trim_to_multiple)
+    else:
+        length = max_tokens
+    input_ids = [[pad_id] * length for _ in rows]
+    labels = [[IGNORE_INDEX] * length for _ in rows]
     images: list[torch.Tensor] = []
     pieces: list[TokenizedSample] = []  # anyres samples
     for r, row in enumerate(rows):
         start = 0
         for sample in row:
             end = start + len(sample)
-            if end > max_tokens:
+            if end > length:
                 raise ValueError(f"row {r} holds {end} tokens > max_tokens {max_tokens}")
             input_ids[r][start:end] = sample.input_ids
             labels[r][start:end] = sample.labels

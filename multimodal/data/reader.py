@@ -21,7 +21,7 @@ from typing import Any
 
 from multimodal.batch import Batch
 from multimodal.data.config import DataConfig, Source
-from multimodal.data.packing import Grouper, Packer, make_batch
+from multimodal.data.packing import TRIM_MULTIPLE, Grouper, Packer, make_batch
 from multimodal.data.samples import SampleSettings, TokenizedSample, to_tokenized_sample
 from multimodal.data.shards import read_shard, shards_for_worker
 from multimodal.data.skips import SkipCounter
@@ -172,7 +172,8 @@ class Reader:
     def batch(self, group: list[Row], finished: bool) -> Batch:
         """The Batch of `group`, with the skips since the previous one and the position after it."""
         batch = make_batch([[sample for _, sample in row] for row in group], self.config.max_tokens,
-                           self.settings.tokenizer.pad_id, self.skips.take())
+                           self.settings.tokenizer.pad_id, self.skips.take(),
+                           trim_to_multiple=TRIM_MULTIPLE if self.config.trim_rows else None)
         batch.sources = dict(Counter(self.sources[ref[0]].name for row in group for ref, _ in row))
         batch.keys = [[sample.key for _, sample in row] for row in group]
         self.from_source.update(batch.sources)

@@ -163,6 +163,21 @@ def test_batches_hold_each_images_own_count_and_views_and_the_model_runs(onevisi
     assert counts["turned"] == counts["tall"] != counts["wide"]
 
 
+def test_trimmed_rows_hold_the_same_samples_and_give_the_same_loss(onevision, shards):
+    fixed, trimmed = read(onevision, shards), read(onevision, shards, trim_rows=True)
+    assert [batch.keys for batch in trimmed] == [batch.keys for batch in fixed]
+    assert any(batch.input_ids.shape[1] < MAX_TOKENS for batch in trimmed)
+    for short, full in zip(trimmed, fixed):
+        length = short.input_ids.shape[1]
+        assert length % 64 == 0 and length >= max(sum(row) for row in short.layout.seq_lens)
+        assert torch.equal(short.input_ids, full.input_ids[:, :length]) and short.layout == full.layout
+        assert torch.equal(short.pixels.pixels, full.pixels.pixels)
+        with torch.no_grad():
+            (loss_short, _), (loss_full, _) = onevision(short), onevision(full)
+        # Padding never reaches a sample: the same loss, up to the summation order of other shapes.
+        assert torch.allclose(loss_short, loss_full, rtol=1e-5, atol=0), (loss_short, loss_full)
+
+
 def test_worker_settings_count_like_the_model(onevision, tokenizer):
     settings = onevision.anyres
     assert settings == AnyresImages(onevision.layout, 384, 27, (0.5,) * 3, (0.5,) * 3)

@@ -124,3 +124,24 @@ def test_padding_waste_matches_a_count_of_pad_positions():
         batch = make_batch(rows, max_tokens, pad_id=3)
         pads = int((batch.labels == IGNORE_INDEX).sum())  # every real token here carries a label
         assert padding_waste(batch) == pytest.approx(pads / batch.input_ids.numel())
+
+
+def test_trimmed_rows_are_the_fixed_rows_cut_after_the_longest_row_rounded_up():
+    rng = random.Random(5)
+    for _ in range(60):
+        max_tokens, multiple = rng.randint(4, 90), rng.choice([1, 8, 64])
+        items = [sample(f"k{i}", [rng.randint(4, 99) for _ in range(rng.randint(1, max_tokens))])
+                 for i in range(rng.randint(1, 12))]
+        for rows in group_rows(pack_samples(items, max_tokens, buffer_size=4), rng.randint(1, 3)):
+            fixed = make_batch(rows, max_tokens, pad_id=3)
+            trimmed = make_batch(rows, max_tokens, pad_id=3, trim_to_multiple=multiple)
+            longest = max(sum(len(s) for s in row) for row in rows)
+            length = min(max_tokens, -(-longest // multiple) * multiple)
+            assert trimmed.input_ids.shape == (len(rows), length)
+            assert torch.equal(trimmed.input_ids, fixed.input_ids[:, :length])
+            assert torch.equal(trimmed.labels, fixed.labels[:, :length])
+            assert (fixed.input_ids[:, length:] == 3).all() and (fixed.labels[:, length:] == IGNORE_INDEX).all()
+            assert trimmed.layout.seq_lens == fixed.layout.seq_lens and trimmed.real_tokens() == fixed.real_tokens()
+            assert padding_waste(trimmed) <= padding_waste(fixed)
+    with pytest.raises(ValueError, match="trim_to_multiple"):
+        make_batch([[sample("a", [1])]], 8, pad_id=3, trim_to_multiple=0)
