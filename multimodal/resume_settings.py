@@ -22,8 +22,8 @@ from multimodal.data.resume import ResumeMismatch
 MAY_CHANGE = {"export_dir", "model.init_from", "model.decoder_options.attention",
               "stage.gradient_checkpointing", "stage.compile"}
 # DataConfig fields that do not move the data position (how bad samples are budgeted, whether to
-# resume the data at all).
-DATA_MAY_CHANGE = {"resume", "max_skip_fraction", "skip_budget_min_samples"}
+# resume the data at all, how far rows are padded).
+DATA_MAY_CHANGE = {"resume", "max_skip_fraction", "skip_budget_min_samples", "trim_rows"}
 
 
 def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

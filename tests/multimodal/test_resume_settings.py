@@ -101,5 +101,7 @@ def test_changed_compares_nested_settings_and_treats_tuples_as_lists():
     with pytest.raises(ResumeMismatch, match="model.encoder.model_name"):
         check_model_settings(given, saved)
     check_data_layout({"shards": "a", "resume": True, "max_skip_fraction": 0.5}, {"shards": "a", "resume": False})
+    # trim_rows only changes how far rows are padded (and checkpoints older than it do not have it).
+    check_data_layout({"shards": "a", "trim_rows": True}, {"shards": "a"})
     with pytest.raises(ResumeMismatch, match="shards"):
         check_data_layout({"shards": "b"}, {"shards": "a"})
