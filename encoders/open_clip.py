@@ -32,6 +32,7 @@ from open_clip.transform import PreprocessCfg
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 try:
     # open_clip's own vision-tower builder: the tower is constructed exactly as inside
@@ -150,6 +151,9 @@ class OpenCLIPEncoder(nn.Module):
 
         self.feature_layer = feature_layer
         self.drop_cls = bool(drop_cls)
+        # Recompute each block's activations in backward instead of keeping them (a training
+        # setting, not part of the architecture: not in config()).
+        self.gradient_checkpointing = False
         self.image_size = int(image_size[0])
         self.patch_size = int(patch_size[0])
         self.num_tokens = num_patches + (0 if self.drop_cls else self.num_prefix_tokens)
@@ -181,12 +185,18 @@ class OpenCLIPEncoder(nn.Module):
         # The data pipeline yields float32; the tower may have been cast to bf16/fp16.
         pixels = pixels.to(self._input_dtype())
         hidden = self._embed_clip(pixels) if self.tower_type == "open_clip" else self._embed_timm(pixels)
-        blocks = self.visual.transformer.resblocks if self.tower_type == "open_clip" else self.visual.trunk.blocks
-        for block in blocks:
-            hidden = block(hidden)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            # Each block is called as a module (its hooks fire: a sharded block gathers its weights).
+            hidden = checkpoint(block, hidden, use_reentrant=False) if recompute else block(hidden)
         if self.drop_cls:
             hidden = hidden[:, self.num_prefix_tokens:]
         return hidden
+
+    @property
+    def blocks(self) -> nn.Sequential | nn.ModuleList:
+        """The transformer blocks that run (those up to the feature layer), in order."""
+        return self.visual.transformer.resblocks if self.tower_type == "open_clip" else self.visual.trunk.blocks
 
     def config(self) -> dict[str, Any]:
         """JSON-serializable arguments that rebuild this architecture: OpenCLIPEncoder(**config()).

@@ -122,6 +122,10 @@ class VisionLanguageModel(nn.Module):
         self.video_token_id = video_token_id
         self.loss_chunk_size = loss_chunk_size
         self.layout = layout
+        # Sharded training (multimodal.parallel) sets this: every micro-batch then runs the encoder
+        # exactly once, a text-only one on a blank image whose features are multiplied by 0, so that
+        # every rank joins the encoder's weight gathers (a rank that skipped them would hang the rest).
+        self.always_encode = False
         if layout.is_anyres:
             self._check_anyres()
             # LLaVA-OneVision's learned end-of-row embedding (its initialisation: N(0, 1/d)).
@@ -202,6 +206,43 @@ class VisionLanguageModel(nn.Module):
         return torch.cat([pack_video(frames, self.view_side, self.image_newline)
                           for frames in features.split(inputs.frames_per_video)])
 
+    def visual_embeddings(self, pixels: torch.Tensor | ImageInputs | None) -> tuple[torch.Tensor | None,
+                                                                                    torch.Tensor | None]:
+        """(image tokens, video tokens), each [tokens, d_model] in placeholder order or None, from one
+        pass of the encoder over the views and the frames together."""
+        if not isinstance(pixels, ImageInputs):
+            return (None if pixels is None else self.image_embeddings(pixels)), None
+        if not pixels.frames_per_video:
+            return self.image_embeddings(pixels), None
+        if not pixels.views:
+            return None, self.video_embeddings(pixels)
+        features = self.encode_images(torch.cat([pixels.pixels, pixels.frames]))
+        views, frames = features.split([pixels.pixels.shape[0], pixels.frames.shape[0]])
+        side, tile = self.view_side, self.encoder.image_size
+        images = torch.cat([pack_image(image, size, self.layout, side, tile, self.image_newline)
+                            for image, size in zip(views.split(pixels.views), pixels.sizes)])
+        videos = torch.cat([pack_video(video, self.view_side, self.image_newline)
+                            for video in frames.split(pixels.frames_per_video)])
+        return images, videos
+
+    def blank_image_term(self) -> torch.Tensor:
+        """0 x the features of one blank image: keeps the encoder and projector in a micro-batch
+        without images (always_encode), with gradients of exactly 0."""
+        size, device = self.encoder.image_size, next(self.encoder.parameters()).device
+        return self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules that sharded training (multimodal.parallel) shards one by one, bottom-up:
+        each encoder block, the encoder (its stem: patch and position embeddings), the token
+        embedding (unless tied to the output head) and each decoder block. The rest stays with the
+        model itself, the root: the projector, the newline, the final norm and the output head,
+        whose weight the loss reads without calling it (a unit's weights are gathered only when the
+        unit is called)."""
+        units: list[nn.Module] = [*self.encoder.blocks, self.encoder]
+        if not self.decoder.config.tie_embeddings:
+            units.append(self.decoder.model.embed_tokens)
+        return units + list(self.decoder.model.layers)
+
     def video_token_counts(self, frames_per_video: Sequence[int]) -> list[int]:
         """Placeholders each video needs: its frames' pooled grids and one newline."""
         return [self.anyres.video_tokens(frames) for frames in frames_per_video]
@@ -227,11 +268,14 @@ class VisionLanguageModel(nn.Module):
         elif videos:
             raise ValueError("videos were given but this model has no video token (video_token_id)")
         embeds = self.decoder.embed(input_ids)
-        if counts:
+        images, video = self.visual_embeddings(pixels if counts or videos else None)
+        if images is not None:
             # Row-major order of the placeholders is the order of the images.
-            embeds = embeds.masked_scatter(is_image[..., None], self.image_embeddings(pixels).to(embeds.dtype))
-        if videos:
-            embeds = embeds.masked_scatter(is_video[..., None], self.video_embeddings(pixels).to(embeds.dtype))
+            embeds = embeds.masked_scatter(is_image[..., None], images.to(embeds.dtype))
+        if video is not None:
+            embeds = embeds.masked_scatter(is_video[..., None], video.to(embeds.dtype))
+        if images is None and video is None and self.always_encode:
+            embeds = embeds + self.blank_image_term().to(embeds.dtype)
         return embeds
 
     def _check_placeholders(self, is_image: torch.Tensor, counts: list[int], layout: SeqLayout | None,
@@ -469,10 +513,12 @@ class VisionLanguageModel(nn.Module):
             "video_token_id": self.video_token_id,
         }
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Weights (safetensors), config and tokenizer into `directory`. `state_dict`: the weights
+        to write instead of this module's own (a sharded model's, gathered)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         if self.decoder.config.tie_embeddings:
             state.pop("decoder.lm_head.weight")  # safetensors refuses shared storage
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})

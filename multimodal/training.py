@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 import projector as projectors
 from encoders import OpenCLIPEncoder
@@ -29,6 +29,7 @@ from multimodal.data import DataConfig, build_loader, dataset_for_model
 from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.layouts import ImageLayout, onevision_pinpoints
 from multimodal.model import VisionLanguageModel
+from multimodal.parallel import FSDP2Strategy, is_sharded
 from multimodal.resume_settings import check_data_layout
 
 MODULES = ("encoder", "projector", "decoder")
@@ -219,6 +220,9 @@ class VLMModule(L.LightningModule):
             return
         self.model = build_model(self.spec)
         apply_stage(self.model, self.stage)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"stage trains {self.stage.train}; " + parameter_report(self.model))
@@ -307,8 +311,16 @@ class VLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.model.save_pretrained(self.export_dir)
+        if not self.export_dir:
+            return
+        state = None
+        if is_sharded(self.model):
+            # Gathering the full weights is a collective: every rank takes part, rank 0 keeps them.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.trainer.is_global_zero:
+            self.model.save_pretrained(self.export_dir, state_dict=state)
             rank_zero_info(f"saved the model to {self.export_dir}")
 
 
@@ -318,9 +330,9 @@ class ShardDataModule(L.LightningDataModule):
     Batches), so the data always matches it.
 
     Before training, the shard counts are checked against world size x num_workers (ValueError when
-    a reader would get no shard; a warning in resampled mode). With several ranks, Lightning's DDP
-    needs every rank to yield the same number of batches per epoch, or it can hang at epoch end:
-    set data.train.resampled and data.train.batches_per_epoch (a warning says so otherwise)."""
+    a reader would get no shard; a warning in resampled mode). With several ranks, every rank must
+    yield the same number of batches per epoch, or the others hang in their next collective: they
+    need data.train.resampled and data.train.batches_per_epoch (ValueError otherwise)."""
 
     def __init__(self, train: DataConfig | None = None, val: DataConfig | None = None, num_workers: int = 2):
         super().__init__()
@@ -337,10 +349,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_config is None:
             raise ValueError("no training data: set data.train.shards or data.train.sources")
         config = self.train_config
-        if self.trainer.world_size > 1 and config.batches_per_epoch is None:
-            rank_zero_warn(f"{self.trainer.world_size} ranks and no data.train.batches_per_epoch: ranks may yield "
-                           "different numbers of batches, which can hang DDP at epoch end; set resampled: true "
-                           "and batches_per_epoch (or end the run with max_steps before any rank runs out)")
+        if self.trainer.world_size > 1 and not (config.resampled and config.batches_per_epoch):
+            # A rank that runs out of Batches first leaves the others waiting in a collective forever.
+            raise ValueError(f"{self.trainer.world_size} ranks need equal numbers of Batches per epoch: set "
+                             "data.train.resampled: true and data.train.batches_per_epoch (read-once shards give "
+                             "each rank a different number of samples)")
         # Lightning makes the loader (and starts its workers) before on_train_epoch_start, also when
         # it resumes inside an epoch: the epoch and the data position are set here.
         epoch = data_epoch(self.trainer)
