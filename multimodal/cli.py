@@ -10,6 +10,7 @@
                        (--to hf-llava-onevision: LLaVA-OneVision, for models in the anyres layout)
   salamandra-vl import --from hf-llava DIR OUT            read one back into our format
                        (--from hf-llava-onevision)
+  salamandra-vl consolidate CKPT_DIR OUT                  a sharded (fsdp2) checkpoint -> save_pretrained
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def import_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def consolidate_command(args: argparse.Namespace) -> int:
+    from multimodal.consolidate import consolidate
+
+    print(consolidate(args.checkpoint_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salamandra-vl",
@@ -282,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("hf_dir", help="Hugging Face LLaVA model directory")
     import_.add_argument("out", help="output directory (new or empty)")
     import_.set_defaults(run=import_command)
+
+    consolidate = commands.add_parser(
+        "consolidate", help="turn a sharded (fsdp2) checkpoint directory into a save_pretrained directory",
+        description="Join the weights of a sharded checkpoint written by `fit --trainer.strategy fsdp2` (a directory "
+                    "with meta.pt and one file per rank) into the save_pretrained format that caption, chat, info "
+                    "and export read. One process, no process group, any number of ranks; the optimizer state is "
+                    "left out.",
+    )
+    consolidate.add_argument("checkpoint_dir", help="a sharded checkpoint directory (…/checkpoints/step=N.ckpt)")
+    consolidate.add_argument("out", help="output directory (new or empty)")
+    consolidate.set_defaults(run=consolidate_command)
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse.typing import PositiveInt
@@ -40,6 +41,13 @@ class CheckpointSettings:
     dirpath: str | None = None
 
 
+def sharded_checkpoint_settings(checkpoint_dir: str) -> dict[str, Any]:
+    """The VLMModule settings saved in a sharded checkpoint's meta.pt."""
+    from multimodal.consolidate import read_meta
+
+    return read_meta(checkpoint_dir).get("hyper_parameters", {})
+
+
 class TrainingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(CheckpointSettings, "checkpoint")
@@ -52,8 +60,14 @@ class TrainingCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         section = self.config[self.subcommand]
-        if section.get("ckpt_path") and self.given_model is not None:
-            check_model_settings(self.given_model.as_dict(), section["model"].as_dict())
+        ckpt_path = section.get("ckpt_path")
+        if ckpt_path and self.given_model is not None:
+            if Path(ckpt_path).is_dir():
+                # A sharded checkpoint (fsdp2): LightningCLI reads settings from checkpoint files only.
+                saved = sharded_checkpoint_settings(ckpt_path)
+            else:
+                saved = section["model"].as_dict()
+            check_model_settings(self.given_model.as_dict(), saved)
             section["model"] = self.given_model
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

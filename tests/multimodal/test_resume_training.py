@@ -44,15 +44,17 @@ class StepRecorder(L.Callback):
 
 
 def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str | None = None,
-        devices: int = 1, keep_every_checkpoint: bool = False, **data_options) -> int:
+        devices: int = 1, keep_every_checkpoint: bool = False, strategy: str = "auto", num_workers: int = 2,
+        export_dir: str | None = None, **data_options) -> int:
     """One `salamandra-vl fit` in a subprocess; its steps are recorded in root/name.jsonl (with
-    several devices, root/name.rank<R>.jsonl)."""
+    several devices, root/name.rank<R>.jsonl; kill_at kills every rank)."""
     sources = [{"name": "captions", "shards": sorted(str(p) for p in (root / "a").glob("*.tar")), "weight": 0.7},
                {"name": "text", "shards": sorted(str(p) for p in (root / "b").glob("*.tar")), "weight": 0.3}]
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "logger": False, "enable_progress_bar": False,
+            "accelerator": "cpu", "devices": devices, "strategy": strategy, "max_steps": max_steps, "logger": False,
+            "enable_progress_bar": False,
             "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(root / name),
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -67,10 +69,11 @@ def fit(root: Path, name: str, max_steps: int, kill_at: int = -1, ckpt_path: str
             "model": {"tokenizer": str(root / "tokenizer"), "decoder": "tiny",
                       "decoder_options": {"attention": "sdpa"}, "encoder": {"model_name": TINY_CLIP}},
             "stage": {"train": ["projector", "decoder"], "lr": {"projector": 1e-3, "decoder": 1e-3}, "warmup_steps": 2},
+            "export_dir": export_dir,
         },
         "data": {"train": {"sources": sources, "max_tokens": 160, "rows_per_batch": 2, "shuffle_buffer": 10,
                            "pack_buffer": 4, "max_skip_fraction": None, **data_options},
-                 "num_workers": 2},
+                 "num_workers": num_workers},
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
