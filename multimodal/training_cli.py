@@ -59,7 +59,7 @@ class TrainingCLI(LightningCLI):
         self.given_model = copy.deepcopy(self.config[subcommand]["model"]) if subcommand else None
 
     def before_instantiate_classes(self) -> None:
-        section = self.config[self.subcommand]
+        section = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         ckpt_path = section.get("ckpt_path")
         if ckpt_path and self.given_model is not None:
             if Path(ckpt_path).is_dir():
@@ -71,12 +71,12 @@ class TrainingCLI(LightningCLI):
             section["model"] = self.given_model
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        section = self.config_init[self.subcommand]
+        section = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = section.get("trainer") or {}
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         settings: CheckpointSettings = section["checkpoint"]
-        if (self.subcommand == "fit" and trainer.get("enable_checkpointing") is not False
+        if (self.subcommand in ("fit", None) and trainer.get("enable_checkpointing") is not False
                 and not any(isinstance(callback, ModelCheckpoint) for callback in callbacks)):
             kwargs["callbacks"] = [*callbacks, ModelCheckpoint(
                 dirpath=settings.dirpath, every_n_train_steps=settings.every_n_train_steps,

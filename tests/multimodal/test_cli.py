@@ -66,19 +66,25 @@ def test_fit_from_a_yaml_config(tokenizer, tmp_path, monkeypatch, recwarn):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
-    from lightning.pytorch.cli import LightningCLI
-
     from multimodal.training import ShardDataModule, VLMModule
+    from multimodal.training_cli import TrainingCLI
 
-    cli = LightningCLI(VLMModule, ShardDataModule, run=False, args=["--config", str(path)],
-                       trainer_defaults={"logger": False})
+    cli = TrainingCLI(VLMModule, ShardDataModule, run=False, args=["--config", str(path)],
+                      trainer_defaults={"logger": False})
     train = cli.datamodule.train_config
     assert cli.model.stage.train and (train.shards or train.sources)
     if "onevision" in path.name:  # OneVision's recipe: the 26th block, tanh GELU; tiles from stage 1.5 on
         assert cli.model.spec.encoder["feature_layer"] == -2 and cli.model.spec.encoder["activation"] == "gelu_tanh"
         layout = (cli.model.spec.layout or {}).get("kind", "fixed")
         assert layout == ("fixed" if path.name.endswith("-stage1.yaml") else "anyres")
-        assert (cli.model.spec.video_token is not None) == path.name.endswith("stage2-ov.yaml")
+        assert (cli.model.spec.video_token is not None) == ("stage2-ov" in path.name)
+    if path.name.endswith("-fsdp.yaml"):  # sharded over 8 GPUs, bf16 policy, equal Batch counts per rank
+        from multimodal.parallel import FSDP2Strategy
+
+        strategy = cli.trainer.strategy
+        assert isinstance(strategy, FSDP2Strategy) and strategy.param_dtype == "bf16"
+        assert cli.trainer.precision == "32-true" and train.resampled and train.batches_per_epoch
+        assert cli.model.stage.gradient_checkpointing
 
 
 def test_console_script_help():
