@@ -20,7 +20,7 @@ from multimodal.data.resume import ResumeMismatch
 
 # VLMModule's hyperparameters (model spec, stage, export_dir) that a resumed run may set anew.
 MAY_CHANGE = {"export_dir", "model.init_from", "model.decoder_options.attention",
-              "stage.gradient_checkpointing", "stage.compile"}
+              "stage.gradient_checkpointing", "stage.compile", "stage.frozen_dtype"}
 # DataConfig fields that do not move the data position (how bad samples are budgeted, whether to
 # resume the data at all, how far rows are padded).
 DATA_MAY_CHANGE = {"resume", "max_skip_fraction", "skip_budget_min_samples", "trim_rows"}

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -84,6 +84,11 @@ class StageConfig:
     # torch.compile each decoder block (lm.compile_blocks): true, or torch.compile's options
     # ({"mode": "max-autotune-no-cudagraphs"}). Worth it on a GPU; compiling costs a minute or more.
     compile: bool | dict[str, Any] = False
+    # "bf16": store the modules this stage does not train in bf16 (stage 1: the encoder and the
+    # decoder), as prismatic does: half their memory, and under bf16-mixed precision the same
+    # matmuls (autocast computes them in bf16 anyway). Needs trainer.precision bf16-mixed. The
+    # export at the end writes fp32 (the bf16 values) so the next stage starts in fp32.
+    frozen_dtype: Literal["bf16"] | None = None
 
 
 def build_model(spec: ModelSpec) -> VisionLanguageModel:
@@ -154,6 +159,12 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> None:
     if missing_lr:
         raise ValueError(f"no learning rate for trained modules {missing_lr} (stage.lr has {sorted(stage.lr)})")
     model.decoder.gradient_checkpointing = stage.gradient_checkpointing
+    if stage.frozen_dtype is not None:
+        if stage.frozen_dtype != "bf16":
+            raise ValueError(f"stage.frozen_dtype must be bf16 or null, got {stage.frozen_dtype!r}")
+        for name in MODULES:
+            if name not in stage.train:
+                getattr(model, name).to(torch.bfloat16)
     if stage.compile:
         compile_blocks(model.decoder, **(stage.compile if isinstance(stage.compile, dict) else {}))
 
@@ -225,6 +236,10 @@ class VLMModule(L.LightningModule):
             strategy.shard(self.model)
 
     def on_fit_start(self) -> None:
+        precision = self.trainer.precision
+        if self.stage.frozen_dtype is not None and precision != "bf16-mixed":
+            raise ValueError(f"stage.frozen_dtype {self.stage.frozen_dtype} needs trainer.precision bf16-mixed (autocast "
+                             f"runs the bf16 frozen modules and the fp32 trained ones together), not {precision}")
         rank_zero_info(f"stage trains {self.stage.train}; " + parameter_report(self.model))
 
     def on_train_start(self) -> None:
@@ -319,6 +334,9 @@ class VLMModule(L.LightningModule):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.stage.frozen_dtype is not None:  # the next stage starts from fp32 weights
+            state = {name: t.float() if t.is_floating_point() else t
+                     for name, t in (self.model.state_dict() if state is None else state).items()}
         if self.trainer.is_global_zero:
             self.model.save_pretrained(self.export_dir, state_dict=state)
             rank_zero_info(f"saved the model to {self.export_dir}")

@@ -1,8 +1,11 @@
 """Lightning training on CPU: stages, freezing, schedule, resume, stage-to-stage weights."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from multimodal.data import DataConfig
 from multimodal.training import (
@@ -141,3 +144,33 @@ def test_compiled_decoder_blocks_train_like_eager(setup):
         blocks = module.model.decoder.model.layers
         assert all((block._compiled_call_impl is not None) == bool(compile) for block in blocks)
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+
+
+def test_stage1_can_store_the_frozen_modules_in_bf16(setup, tmp_path):
+    """frozen_dtype bf16: encoder and decoder in bf16 (half their memory), the projector in fp32 and
+    learning under bf16-mixed; the frozen weights are the bf16 values of the fp32 ones and do not
+    move; the export is fp32 throughout, so the next stage starts in fp32."""
+    _, spec, shards = setup
+    stage = StageConfig(train=["projector"], lr={"projector": 1e-2}, frozen_dtype="bf16")
+    module = VLMModule(spec, stage, export_dir=str(tmp_path / "export"))
+    reference = VLMModule(spec, StageConfig(train=["projector"], lr={"projector": 1e-2}))
+    torch.manual_seed(0)
+    module.configure_model()
+    torch.manual_seed(0)
+    reference.configure_model()
+    fp32 = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    dtypes = {name: {p.dtype for p in getattr(module.model, name).parameters()}
+              for name in ("encoder", "projector", "decoder")}
+    assert dtypes == {"encoder": {torch.bfloat16}, "projector": {torch.float32}, "decoder": {torch.bfloat16}}
+    history = LossHistory()
+    trainer(8, precision="bf16-mixed", callbacks=[history]).fit(module, datamodule=data(shards))
+    assert all(math.isfinite(loss) for loss in history.losses)
+    saved = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    for name, tensor in fp32.items():
+        if name.startswith("projector."):
+            assert not torch.equal(saved[name], tensor), name  # it learned
+        elif name in saved:
+            assert torch.equal(saved[name], tensor.to(torch.bfloat16).float()), name  # frozen: bf16-rounded, unmoved
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        trainer(1).fit(VLMModule(spec, stage), datamodule=data(shards))
