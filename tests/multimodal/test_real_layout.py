@@ -95,7 +95,9 @@ def test_every_real_model_preset_is_shipped():
     llava = {f"salamandra-{size}-{tower}-stage{stage}.yaml"
              for size in ("2b", "7b") for tower in ("siglip", "clip") for stage in (1, 2)}
     onevision = {f"salamandra-{size}-onevision-{stage}.yaml" for size in ("2b", "7b") for stage in ONEVISION_STAGES}
-    assert names == llava | onevision
+    sharded = {"salamandra-7b-siglip-stage2-fsdp.yaml", "salamandra-7b-onevision-stage2-si-fsdp.yaml",
+               "salamandra-7b-onevision-stage2-ov-fsdp.yaml"}
+    assert names == llava | onevision | sharded
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: p.name)
@@ -103,13 +105,15 @@ def test_real_model_preset_builds_on_the_meta_device(path):
     config = yaml.safe_load(path.read_text())
     spec = ModelSpec(**config["model"]["model"])
     stage = StageConfig(**config["model"]["stage"])
-    size, tower, stage_name = re.fullmatch(r"salamandra-(2b|7b)-(siglip|clip|onevision)-(stage[\w.-]+)", path.stem).groups()
-    assert config["trainer"]["precision"] == "bf16-mixed"
+    size, tower, stage_name, sharded = re.fullmatch(r"salamandra-(2b|7b)-(siglip|clip|onevision)-(stage[\w.]+(?:-si|-ov)?)(-fsdp)?",
+                                                    path.stem).groups()
+    # Sharded presets compute in bf16 through the fsdp2 policy, the others through autocast.
+    assert config["trainer"]["precision"] == ("32-true" if sharded else "bf16-mixed")
     assert spec.tokenizer == spec.decoder and "salamandra-" + size in spec.decoder
     assert spec.encoder["model_name"] in open_clip.list_models()
     assert str(spec.encoder["pretrained"]).endswith(".safetensors")  # a local file: nothing is downloaded
     if stage_name == "stage1":
-        assert stage.train == ["projector"] and stage.lr == {"projector": 1e-3}
+        assert stage.train == ["projector"] and stage.lr == {"projector": 1e-3} and stage.frozen_dtype == "bf16"
         assert spec.init_from is None
     else:
         assert sorted(stage.train) == ["decoder", "encoder", "projector"] and stage.gradient_checkpointing
