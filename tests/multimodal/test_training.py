@@ -174,3 +174,16 @@ def test_stage1_can_store_the_frozen_modules_in_bf16(setup, tmp_path):
             assert torch.equal(saved[name], tensor.to(torch.bfloat16).float()), name  # frozen: bf16-rounded, unmoved
     with pytest.raises(ValueError, match="bf16-mixed"):
         trainer(1).fit(VLMModule(spec, stage), datamodule=data(shards))
+
+
+def test_several_ranks_need_equal_batch_counts_before_training(setup):
+    """With several ranks a read-once epoch gives each rank another number of Batches, and the rank
+    that runs out first would leave the others waiting in a collective: refused before training."""
+    from types import SimpleNamespace
+
+    _, _, shards = setup
+    for options in ({}, {"batches_per_epoch": 4}, {"resampled": True}):
+        module = data(shards, **options)
+        module.trainer = SimpleNamespace(world_size=2)
+        with pytest.raises(ValueError, match="resampled: true and data.train.batches_per_epoch"):
+            module.train_dataloader()
