@@ -11,6 +11,8 @@
   salamandra-vl import --from hf-llava DIR OUT            read one back into our format
                        (--from hf-llava-onevision)
   salamandra-vl consolidate CKPT_DIR OUT                  a sharded (fsdp2) checkpoint -> save_pretrained
+  salamandra-vl evaluate --checkpoint DIR --data SHARDS --out DIR [--task caption|vqa|choice]
+                                                          metrics.json and predictions.jsonl
 """
 
 from __future__ import annotations
@@ -208,6 +210,17 @@ def consolidate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    from multimodal.evaluation.run import evaluate_checkpoint
+
+    languages = [code.strip() for code in args.languages.split(",") if code.strip()] if args.languages else None
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.out, task=args.task, languages=languages,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  compile=args.compile, limit=args.limit)
+    print(json.dumps({"items": metrics["items"], "skipped": metrics["skipped"], **metrics.get("overall", {})}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salamandra-vl",
@@ -301,6 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint_dir", help="a sharded checkpoint directory (…/checkpoints/step=N.ckpt)")
     consolidate.add_argument("out", help="output directory (new or empty)")
     consolidate.set_defaults(run=consolidate_command)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a checkpoint on evaluation shards (captions, VQA, multiple choice)",
+        description="Generate an answer for every item of the shards (greedy, batched) and write predictions.jsonl "
+                    "and metrics.json: CIDEr-D, BLEU-4 and chrF++ for captions, VQA accuracy, multiple-choice "
+                    "accuracy, and language fidelity, overall and per language. The shard format is in "
+                    "docs/evaluation.md.",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
+    evaluate.add_argument("--data", required=True, nargs="+", help="shard paths or brace patterns")
+    evaluate.add_argument("--out", required=True, help="output directory")
+    evaluate.add_argument("--task", choices=["caption", "vqa", "choice"], default="caption")
+    evaluate.add_argument("--languages", default=None,
+                          help="comma-separated language codes to evaluate (default: every language in the data)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N items")
+    evaluate.add_argument("--compile", action="store_true", help="compile the decoding step (worth it on a GPU)")
+    evaluate.set_defaults(run=evaluate_command)
     return parser
 
 

@@ -383,31 +383,42 @@ class VisionLanguageModel(nn.Module):
     ) -> str | list[str]:
         """A caption of `image` (a str), or of each image of a list (a list, decoded `batch_size`
         at a time). The question is `prompt`, by default the canonical caption prompt of `language`
-        (en, es, ca), asked as in training: one user turn with the image before the question.
-        Each caption is a `GeneratedText`, a str with its `finish_reason`."""
+        (any of Salamandra's 35 languages: multimodal.prompts), asked as in training: one user turn
+        with the image before the question. Each caption is a `GeneratedText`, a str with its
+        `finish_reason`."""
         single = isinstance(image, Image.Image)
         images = [image] if single else list(image)
+        question = caption_prompt(language) if prompt is None else prompt
+        captions = self.answer(images, [question] * len(images), batch_size, **generation_options)
+        return captions[0] if single else captions
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], batch_size: int = 16,
+               **generation_options: Any) -> list[generation.GeneratedText]:
+        """One answer per (image, question) pair: a single user turn with the image before the
+        question (a question may place the image marker itself), decoded `batch_size` pairs at a
+        time; each a `GeneratedText`."""
+        images = list(images)
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
         for index, item in enumerate(images):
             if not isinstance(item, Image.Image):
                 raise TypeError(f"image {index} is a {type(item).__name__}, not a PIL.Image.Image")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        question = caption_prompt(language) if prompt is None else prompt
-        # The same user turn as multimodal.conversation.caption_messages builds for training; a
-        # custom prompt may place the image marker itself.
-        content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
-        messages = [{"role": "user", "content": content}]
         config = generation.generation_config(**generation_options)
-        captions = []
+        answers = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
+            # The same user turn as multimodal.conversation.caption_messages builds for training.
             # Each image is alone in its prompt: its own views, and its own token count (anyres).
-            prompts = [self._prompt_ids(messages, [image]) for image in chunk]
+            prompts = [self._prompt_ids([{"role": "user", "content": question if IMAGE_MARKER in question
+                                          else f"{IMAGE_MARKER}\n{question}"}], [image])
+                       for image, question in zip(chunk, questions[start:start + batch_size])]
             pixels = self.preprocess(chunk) if not self.layout.is_anyres else ImageInputs.cat(
                 [self.preprocess([image]) for image in chunk])
             new_ids = generation.generate(self, prompts, pixels, config)
-            captions += [generation.GeneratedText(self.tokenizer.decode(i), i.finish_reason) for i in new_ids]
-        return captions[0] if single else captions
+            answers += [generation.GeneratedText(self.tokenizer.decode(i), i.finish_reason) for i in new_ids]
+        return answers
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], images: Image.Image | Sequence[Image.Image] | None = None,
