@@ -30,20 +30,26 @@ IDENTIFIABLE = tuple(sorted({*SALAMANDRA_LANGUAGES, "bs"} - {"sh"}))
 
 
 @cache
-def _identifier():
+def _identifier(languages: tuple[str, ...]):
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     identifier = LanguageIdentifier.from_model_file(MODEL_FILE)  # its own instance: restricted below
-    identifier.set_languages(list(IDENTIFIABLE))
+    identifier.set_languages(list(languages))
     return identifier
 
 
-def identify_language(text: str) -> str | None:
-    """The most likely of Salamandra's languages for `text` (ISO 639-1), or None for text without a
-    letter (nothing to identify)."""
+def identify_language(text: str, candidates: Sequence[str] | None = None) -> str | None:
+    """The most likely language of `text` (ISO 639-1) among `candidates` (default: Salamandra's
+    languages), or None for text without a letter (nothing to identify). An evaluation in a few
+    languages should name them: the question is then which of those the answer is in, and a short
+    Spanish caption is not taken for Galician."""
     if not any(ch.isalpha() for ch in text):
         return None
-    language, _ = _identifier().classify(text)
+    languages = IDENTIFIABLE if candidates is None else tuple(sorted({"hr" if c == "sh" else c for c in candidates}))
+    unknown = sorted(set(languages) - set(IDENTIFIABLE))
+    if unknown:
+        raise ValueError(f"cannot identify {unknown}: the identifier knows {', '.join(IDENTIFIABLE)}")
+    language, _ = _identifier(languages).classify(text)
     return language
 
 
@@ -55,15 +61,17 @@ def same_language(found: str | None, asked: str, grouped: bool) -> bool:
     return grouped and any(found in group and asked in group for group in RELATIVES)
 
 
-def language_fidelity(predictions: Sequence[str], languages: Sequence[str]) -> dict[str, Any]:
+def language_fidelity(predictions: Sequence[str], languages: Sequence[str],
+                      candidates: Sequence[str] | None = None) -> dict[str, Any]:
     """{"strict", "grouped": shares over all answers (0..1), "per_language": {language: {"strict",
-    "grouped", "count", "found": the languages its answers were identified as, by count}}}."""
+    "grouped", "count", "found": the languages its answers were identified as, by count}}}.
+    `candidates`: the languages an answer may be identified as (identify_language)."""
     if len(predictions) != len(languages):
         raise ValueError(f"{len(predictions)} predictions but {len(languages)} languages")
     unknown = sorted(set(languages) - set(SALAMANDRA_LANGUAGES) - {"bs"})
     if unknown:
         raise ValueError(f"languages {unknown} are not among Salamandra's: {', '.join(SALAMANDRA_LANGUAGES)}")
-    found = [identify_language(p) for p in predictions]
+    found = [identify_language(p, candidates) for p in predictions]
     per: dict[str, dict[str, Any]] = defaultdict(lambda: {"strict": 0, "grouped": 0, "count": 0, "found": Counter()})
     for language, identified in zip(languages, found):
         entry = per[language]
