@@ -173,11 +173,18 @@ def relaunch_with_passive_openmp(argv: list[str]) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    out = args.out or ("runs/fidelity" if args.study == "fidelity" else "runs/demo")
     # Before the demo's modules are imported: the relaunched process imports them anyway.
-    relaunch_with_passive_openmp(["demo", "--out", str(args.out), "--seed", str(args.seed)])
+    relaunch_with_passive_openmp(["demo", "--out", str(out), "--seed", str(args.seed),
+                                  *(["--study", args.study] if args.study else [])])
+    if args.study == "fidelity":
+        from multimodal.demo.study import run_fidelity_study
+
+        run_fidelity_study(out, seed=args.seed)
+        return 0
     from multimodal.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(out, seed=args.seed)
     return 0
 
 
@@ -237,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "train stage 1 (projector) and stage 2 (everything), then caption held-out images in English, "
                     "Spanish and Catalan. No download; a few minutes on a laptop CPU.",
     )
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, runs/fidelity for the study)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--study", choices=["fidelity"], default=None,
+                      help="fidelity: stage 2 twice from the demo's stage 1, on English-only captions alone and with "
+                           "multilingual text-only chats mixed in; language fidelity per language (study.json, "
+                           "fidelity.png)")
     demo.set_defaults(run=demo_command)
 
     caption = commands.add_parser(

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +36,7 @@ import torch
 
 from lm.tokenizer import train_tokenizer
 from multimodal.data import DataConfig
+from multimodal.data.config import SourceConfig
 from multimodal.demo import synthetic
 from multimodal.demo.chats import pretraining_chats, tokenizer_corpus, write_chat_shard
 from multimodal.demo.config import DEMO_ENCODER, DEMO_PROJECTOR, DemoConfig
@@ -46,13 +47,15 @@ from multimodal.training import ModelSpec, ShardDataModule, StageConfig, VLMModu
 
 
 def run_stage(name: str, spec: ModelSpec, stage: StageConfig, shards: list[str], steps: int, config: DemoConfig,
-              export_dir: Path, seed: int, progress_bar: bool = True) -> float:
+              export_dir: Path, seed: int, progress_bar: bool = True,
+              sources: list[SourceConfig] | None = None) -> float:
+    """One training stage on `shards` (or on `sources` mixed by weight) into `export_dir`; its seconds."""
     L.seed_everything(seed, verbose=False)
     started = time.perf_counter()
     module = VLMModule(spec, stage, export_dir=str(export_dir))
     data = ShardDataModule(
-        DataConfig(shards, max_tokens=config.max_tokens, rows_per_batch=config.rows_per_batch,
-                   shuffle_buffer=2000, seed=seed),
+        DataConfig(None if sources else shards, sources=sources, max_tokens=config.max_tokens,
+                   rows_per_batch=config.rows_per_batch, shuffle_buffer=2000, seed=seed),
         num_workers=config.num_workers,
     )
     trainer = L.Trainer(
@@ -155,7 +158,22 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, config: DemoCo
         torch.set_num_threads(threads)
 
 
-def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
+@dataclass
+class Prepared:
+    """What the demo has made when stage 1 is done: the stage-2 run starts from here."""
+
+    spec: ModelSpec               # the model (init_from still to set)
+    stage2: StageConfig
+    data_dir: Path
+    train_shards: list[str]       # captions in all three languages
+    text_shards: list[str]        # text-only chats in all three languages
+    stage1: Path                  # stage 1's export
+    seconds: dict[str, float]
+    machine: dict
+    wait_for_pretrain: bool
+
+
+def _through_stage1(out: Path, seed: int, config: DemoConfig) -> Prepared:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average_at_start']}, "
           f"torch {machine['torch']} with {machine['torch_threads']} threads, OMP_WAIT_POLICY={machine['omp_wait_policy']}")
@@ -183,15 +201,13 @@ def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
     # contrastive phase (config.pretrain_alongside), and its seconds overlap the vision's.
     pretrain = StageConfig(train=["decoder"], lr={"decoder": config.lr["pretrain"]}, warmup_steps=10, weight_decay=0.01)
     pretrain_arguments = ("pretrain", spec, pretrain, text_shards, config.steps["pretrain"], config, out / "pretrain", seed)
-    stages = [
-        ("stage1", StageConfig(train=["projector"], lr={"projector": config.lr["stage1"]}, warmup_steps=5)),
-        # The encoder learns 5x slower than the rest (LLaVA-OneVision's ratio), so stage 2 refines
-        # the contrastive features instead of overwriting them with noisy early gradients.
-        ("stage2", StageConfig(train=all_modules,
-                               lr={"encoder": config.lr["stage2"] / 5, "projector": config.lr["stage2"],
-                                   "decoder": config.lr["stage2"]},
-                               warmup_steps=50, weight_decay=0.01)),
-    ]
+    stage1 = StageConfig(train=["projector"], lr={"projector": config.lr["stage1"]}, warmup_steps=5)
+    # The encoder learns 5x slower than the rest (LLaVA-OneVision's ratio), so stage 2 refines
+    # the contrastive features instead of overwriting them with noisy early gradients.
+    stage2 = StageConfig(train=all_modules,
+                         lr={"encoder": config.lr["stage2"] / 5, "projector": config.lr["stage2"],
+                             "decoder": config.lr["stage2"]},
+                         warmup_steps=50, weight_decay=0.01)
     wait_for_pretrain = None
     if config.pretrain_alongside:
         # Without the tower's weights yet: the encoder is built (same random draws, so the same
@@ -215,13 +231,17 @@ def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
     train_shards = wait_for_train_shards()
     seconds["data"] += time.perf_counter() - started  # any wait for the shards is the data's time
 
-    previous = out / "pretrain"
-    for name, stage in stages:
-        target = out / ("checkpoint" if name == "stage2" else name)
-        seconds[name] = run_stage(name, replace(spec, init_from=str(previous)), stage, train_shards, config.steps[name],
-                                  config, target, seed)
-        previous = target
+    seconds["stage1"] = run_stage("stage1", replace(spec, init_from=str(out / "pretrain")), stage1, train_shards,
+                                  config.steps["stage1"], config, out / "stage1", seed)
+    return Prepared(spec, stage2, data_dir, train_shards, text_shards, out / "stage1", seconds, machine,
+                    wait_for_pretrain is not None)
 
+
+def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
+    prepared = _through_stage1(out, seed, config)
+    seconds, machine = prepared.seconds, prepared.machine
+    seconds["stage2"] = run_stage("stage2", replace(prepared.spec, init_from=str(prepared.stage1)), prepared.stage2,
+                                  prepared.train_shards, config.steps["stage2"], config, out / "checkpoint", seed)
     started = time.perf_counter()
     model = VisionLanguageModel.from_pretrained(out / "checkpoint")
     test_seeds = synthetic.split_seeds("test", config.test_images, seed=seed)
@@ -229,7 +249,8 @@ def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
     seconds["evaluation"] = time.perf_counter() - started
     metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     # The stages' wall clock: the pre-training's seconds overlap the vision's, only its wait counts.
-    metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items() if k != "pretrain" or wait_for_pretrain is None), 1)
+    metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items()
+                                            if k != "pretrain" or not prepared.wait_for_pretrain), 1)
     metrics["machine"] = machine
 
     print_table(rows, config.sample_rows)
