@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one caption per image, in the asked language.",
     )
     caption.add_argument("--checkpoint", required=True, help="directory written by save_pretrained (or the demo)")
-    caption.add_argument("--language", default="en", help="language of the caption: en, es, ca (default: en)")
+    caption.add_argument("--language", default="en", help="language of the caption: any of Salamandra's 35, as an ISO 639-1 code (default: en)")
     caption.add_argument("--prompt", default=None, help="instead of the language's default caption prompt")
     caption.add_argument("--max-new-tokens", type=int, default=64)
     caption.add_argument("images", nargs="+", help="image files")

@@ -50,5 +50,6 @@ def tokenizer_corpus(texts: list[str]) -> list[str]:
     for text in texts[:2000]:
         language = synthetic.detect_language(text) or "en"
         chats += [m["content"] for m in caption_messages(text, language, rng)]
-    prompts = [p for pool in CAPTION_PROMPTS.values() for p in pool] * 20
+    # The demo's languages' prompts only (the project has prompts in all of Salamandra's).
+    prompts = [p for language in synthetic.LANGUAGES for p in CAPTION_PROMPTS[language]] * 20
     return texts + chats + prompts + ["user\nassistant\nsystem\n"] * 50

@@ -183,7 +183,8 @@ def test_config_and_build_checks(parts, tmp_path):
         build_dataset(DataConfig(paths, pad_to_square=True), parts.tokenizer, lambda image: image,
                       parts.image_token_id, parts.num_image_tokens)
     with pytest.raises(ValueError, match="default_language"):
-        DataConfig(paths, default_language="fr")
+        DataConfig(paths, default_language="ja")  # not one of Salamandra's 35 languages
+    assert DataConfig(paths, default_language="fr").default_language == "fr"
     with pytest.raises(ValueError, match="rows_per_batch"):
         DataConfig(paths, rows_per_batch=0)
     dataset = build_dataset(DataConfig(paths, pad_to_square=True), parts.tokenizer, parts.transform,
