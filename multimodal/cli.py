@@ -11,6 +11,7 @@
   salamandra-vl import --from hf-llava DIR OUT            read one back into our format
                        (--from hf-llava-onevision)
   salamandra-vl consolidate CKPT_DIR OUT                  a sharded (fsdp2) checkpoint -> save_pretrained
+  salamandra-vl serve --checkpoint DIR [--port 8000]       an OpenAI-compatible chat server (images, streaming)
   salamandra-vl evaluate --checkpoint DIR --data SHARDS --out DIR [--task caption|vqa|choice]
                                                           metrics.json and predictions.jsonl
 """
@@ -228,6 +229,28 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("serving needs FastAPI and uvicorn: pip install 'salamandra-vision[serve]'") from None
+
+    from multimodal.model import VisionLanguageModel
+    from multimodal.serving.app import create_app
+    from multimodal.serving.requests import ImagePolicy
+
+    model = VisionLanguageModel.from_pretrained(args.checkpoint)
+    model_id = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    policy = ImagePolicy(allow_local=args.allow_local_images, allow_remote=args.allow_remote_images,
+                         max_bytes=args.max_image_bytes)
+    app = create_app(model, model_id, max_batch=args.max_batch, api_key=args.api_key or os.environ.get(
+        "SALAMANDRA_VL_API_KEY"), policy=policy)
+    print(f"serving {model_id!r} on http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch})",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salamandra-vl",
@@ -325,6 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint_dir", help="a sharded checkpoint directory (…/checkpoints/step=N.ckpt)")
     consolidate.add_argument("out", help="output directory (new or empty)")
     consolidate.set_defaults(run=consolidate_command)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible chat server (POST /v1/chat/completions, images, streaming)",
+        description="Serve a checkpoint through OpenAI's chat-completions API (FastAPI + uvicorn): text and "
+                    "image_url parts, streaming, concurrent requests decoded together in batches. The official "
+                    "openai client and curl work unchanged.",
+    )
+    serve.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this key (default: $SALAMANDRA_VL_API_KEY, or none)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (1: no batching)")
+    serve.add_argument("--model-name", default=None, help="the model id clients name (default: the directory name)")
+    serve.add_argument("--allow-local-images", action="store_true", help="accept file:// image URLs")
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
+    serve.set_defaults(run=serve_command)
 
     evaluate = commands.add_parser(
         "evaluate", help="score a checkpoint on evaluation shards (captions, VQA, multiple choice)",

@@ -60,7 +60,9 @@ class GenerationConfig:
     temperature 0 is greedy (argmax; top_p and seed are then unused). Otherwise logits are divided
     by the temperature and sampled from the smallest set of most likely tokens whose probability
     reaches top_p (nucleus sampling; 1.0 keeps the whole vocabulary). A seed makes sampling
-    reproducible; without one the global torch RNG is used. stop_ids None means the tokenizer's
+    reproducible, per prompt: each row of a batch draws from its own generator seeded with it, so
+    a prompt gets the same answer alone or batched with others; without one the global torch RNG
+    is used. stop_ids None means the tokenizer's
     `<|im_end|>` and EOS; an empty tuple never stops early.
 
     compile=True decodes with a compiled step function (see the module docstring and
@@ -137,9 +139,10 @@ def _select(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return order.gather(-1, choice)[:, 0]
 
 
-def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[int]:
-    """The most new tokens each prompt may get: max_new_tokens, or fewer where the prompt and its
-    answer would pass the decoder's context (max_seq_len); a prompt that fills it is refused."""
+def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]],
+                   configs: Sequence[GenerationConfig]) -> list[int]:
+    """The most new tokens each prompt may get: its max_new_tokens, or fewer where the prompt and
+    its answer would pass the decoder's context (max_seq_len); a prompt that fills it is refused."""
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from: pass at least one list of token ids")
     limit = model.decoder.config.max_seq_len
@@ -151,27 +154,48 @@ def _check_prompts(model: GenerativeModel, prompts: Sequence[Sequence[int]], con
                 f"prompt {index} has {len(prompt)} tokens, which fills the decoder's context of {limit} tokens "
                 "(max_seq_len) and leaves no room for an answer: shorten the prompt (less text, fewer images)"
             )
-    return [min(config.max_new_tokens, limit - len(prompt)) for prompt in prompts]
+    return [min(config.max_new_tokens, limit - len(prompt)) for prompt, config in zip(prompts, configs)]
 
 
-def _decode_steps(
+def _select_rows(logits: torch.Tensor, configs: Sequence[GenerationConfig],
+                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row, each row with its own settings and random stream: what a row draws
+    depends on its own logits and seed only, never on the other rows of the batch."""
+    if all(config.temperature == 0 for config in configs):
+        return logits.argmax(-1)
+    return torch.cat([_select(logits[row:row + 1], config, generator)
+                      for row, (config, generator) in enumerate(zip(configs, generators))])
+
+
+def decode_steps(
     model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None,
-    config: GenerationConfig, reasons: list[str | None],
+    config: GenerationConfig | Sequence[GenerationConfig], reasons: list[str | None],
 ) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token, or None for a row that has stopped (the stop token
     itself is never yielded). Model work runs under `_inference`, which is never held over a yield.
 
+    `config`: one for all rows, or one per row (each row its own length limit, sampling settings,
+    seed and stop tokens; `compile` must agree). A sampled row draws from its own generator seeded
+    with its config's seed, so its answer is the same alone or beside others.
+
     A row stops at a stop token, after max_new_tokens, or when its prompt and answer fill the
-    decoder's context; `reasons` (one entry per prompt, None) receives why, as
-    each row stops: "stop", "length" or "context" (see FINISH_REASONS)."""
-    budgets = _check_prompts(model, prompts, config)
+    decoder's context; `reasons` (one entry per prompt, None) receives why, as each row stops:
+    "stop", "length" or "context" (see FINISH_REASONS). A caller may set a row's reason itself
+    (e.g. "cancelled") between steps: the row then yields nothing more, and decoding ends when
+    every row has a reason."""
+    configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
+    if len(configs) != len(prompts):
+        raise ValueError(f"{len(configs)} generation configs for {len(prompts)} prompts")
+    if len({c.compile for c in configs}) > 1:
+        raise ValueError("the rows of one batch must agree on compile")
+    budgets = _check_prompts(model, prompts, configs)
     decoder = model.decoder
     weight = decoder.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
-    stop_ids = torch.tensor(config.resolved_stop_ids(model.tokenizer), dtype=torch.long, device=device)
-    generator = None
-    if config.temperature > 0 and config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    stop_sets = [set(c.resolved_stop_ids(model.tokenizer)) for c in configs]
+    generators = [torch.Generator(device=device).manual_seed(c.seed) if c.temperature > 0 and c.seed is not None
+                  else None for c in configs]
+    compile = configs[0].compile
 
     batch, width = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -184,7 +208,7 @@ def _decode_steps(
         position_ids = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]
         # Rows decode in step; a row whose context ends first is carried along, its outputs unused.
         slots = width + max(budgets)
-        if config.compile:
+        if compile:
             slots = static_cache_size(slots)
         cache = KVCache.allocate(decoder.config, batch, slots, device=device, dtype=dtype)
         cache.valid[:, :width] = position_ids >= 0
@@ -196,11 +220,10 @@ def _decode_steps(
         # Left padding puts every row's last prompt token in the last column; the output head (256k
         # wide for Salamandra) runs on that column only.
         logits = decoder.lm_head(hidden[:, -1]).float()
-        tokens = _select(logits, config, generator)
-        running = ~torch.isin(tokens, stop_ids)
+        tokens = _select_rows(logits, configs, generators)
     # Positions of the token each row decodes next; stepped in place rather than rebuilt per step.
     position_ids = lengths[:, None].clone()
-    if config.compile:
+    if compile:
         compiled = compiled_step(decoder)
         # The cache slot of the next token: the same for every row (left padding), a tensor so the
         # compiled graph does not change from step to step.
@@ -209,35 +232,35 @@ def _decode_steps(
     for step in range(max(budgets)):
         # One host sync per step: stopping needs to know anyway.
         new: list[int | None] = []
-        for row, (token, alive) in enumerate(zip(tokens.tolist(), running.tolist())):
-            if reasons[row] is None and not alive:
+        for row, token in enumerate(tokens.tolist()):
+            if reasons[row] is None and token in stop_sets[row]:
                 reasons[row] = "stop"
             new.append(token if reasons[row] is None else None)
             if reasons[row] is None and step + 1 == budgets[row]:
-                reasons[row] = "length" if budgets[row] == config.max_new_tokens else "context"
+                reasons[row] = "length" if budgets[row] == configs[row].max_new_tokens else "context"
         yield new
         if all(reason is not None for reason in reasons):
             return
         with _inference(modules):
-            # A stopped row keeps decoding its stop token; its outputs are ignored, and a batch is
-            # not worth reshaping mid-flight.
-            if config.compile:
+            # A stopped row keeps decoding; its outputs are ignored, and a batch is not worth
+            # reshaping mid-flight.
+            if compile:
                 logits = compiled(tokens[:, None], position_ids, slot, cache.valid, cache.keys, cache.values)
                 slot += 1
             else:
                 hidden = decoder.hidden_states(tokens[:, None], position_ids=position_ids, cache=cache)
                 logits = decoder.lm_head(hidden[:, -1]).float()
-            tokens = _select(logits, config, generator)
-            running &= ~torch.isin(tokens, stop_ids)
+            tokens = _select_rows(logits, configs, generators)
             position_ids += 1
 
 
 def generate(
     model: GenerativeModel, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None = None,
-    config: GenerationConfig | None = None,
+    config: GenerationConfig | Sequence[GenerationConfig] | None = None,
 ) -> list[GeneratedIds]:
     """New token ids for each prompt (stop token excluded), decoding all prompts in one batch; each
-    list also says why it ended (`finish_reason`: "stop", "length" or "context").
+    list also says why it ended (`finish_reason`: "stop", "length" or "context"). `config`: one for
+    every prompt, or one per prompt (decode_steps).
 
     prompts: token ids, each image already expanded to its placeholders (as
     `tokenize_conversation` gives them). pixels: the images of all prompts in prompt order ([N, 3,
@@ -248,7 +271,7 @@ def generate(
     config = config or GenerationConfig()
     outputs: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * len(prompts)
-    for step_tokens in _decode_steps(model, prompts, pixels, config, reasons):
+    for step_tokens in decode_steps(model, prompts, pixels, config, reasons):
         for row, token in enumerate(step_tokens):
             if token is not None:
                 outputs[row].append(token)
@@ -358,7 +381,7 @@ class TextStream:
     ) -> Iterator[str]:
         reasons: list[str | None] = [None]
         text = IncrementalDecoder(model.tokenizer)
-        for (token,) in _decode_steps(model, [prompt], pixels, config, reasons):
+        for (token,) in decode_steps(model, [prompt], pixels, config, reasons):
             if token is None:
                 break
             piece = text.push(token)

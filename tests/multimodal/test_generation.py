@@ -191,6 +191,19 @@ def test_sampling_is_reproducible_by_seed_and_tiny_top_p_is_greedy(trained):
     assert greedy[0] == greedy[1]
 
 
+def test_a_seeded_sample_does_not_depend_on_the_rest_of_the_batch(trained):
+    """Each row draws from its own generator: a prompt sampled with a seed gets the same tokens
+    alone and beside other prompts with other settings (what a serving batch mixes)."""
+    ids, pixels = prompt(trained, "Describe the image.", 1), trained.preprocess([RED])
+    other = prompt(trained, "Compare.")
+    mine = GenerationConfig(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=11, stop_ids=())
+    alone = generate(trained, [ids], pixels, mine)[0]
+    neighbours = [GenerationConfig(max_new_tokens=5, temperature=2.0, seed=1), mine, GenerationConfig(max_new_tokens=3)]
+    batched = generate(trained, [other, ids, other], pixels, neighbours)
+    assert batched[1] == alone and len(alone) == 12
+    assert generate(trained, [ids, ids], torch.cat([pixels, pixels]), mine) == [alone, alone]
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor, total: int) -> tuple[float, int]:
     """Pearson's statistic over the tokens expected >= 10 times, the rest pooled; and its degrees of freedom."""
     expected = probs * total
@@ -223,8 +236,11 @@ def test_first_token_frequencies_follow_the_tempered_nucleus_distribution(traine
     probs, nucleus = nucleus_distribution(logits, temperature, top_p)
     assert probs.max() < 0.5 and int(nucleus.sum()) >= 5  # spread enough for the test to mean something
     total = 4000
+    # One seed per row: a seed fixes a prompt's sample whatever the batch, so the rows of one seed
+    # would all draw the same token.
     out = generate(trained, [ids] * total, None,
-                   GenerationConfig(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=0, stop_ids=()))
+                   [GenerationConfig(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=seed, stop_ids=())
+                    for seed in range(total)])
     counts = torch.bincount(torch.tensor([o[0] for o in out]), minlength=len(probs)).double()
     assert counts[~nucleus].sum() == 0  # nothing outside the nucleus
     statistic, dof = chi_square(counts, probs, total)
