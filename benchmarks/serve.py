@@ -1,9 +1,10 @@
-"""Serving throughput: `salamandra-vl serve`'s application with batching on (--max-batch, default 8)
-and off (max batch 1), the same 32 concurrent clients against each, alternating round by round.
+"""Serving throughput: `salamandra-vl serve` with batching on (--max-batch, default 32 here: every
+client may join one batch; the server's own default is 8) and off (--max-batch 1), the same 32
+concurrent clients against each, alternating round by round.
 
 Each client sends one chat-completion request (a held-out demo image as a data: URL and the caption
-prompt of one of the demo's languages, greedy, --max-tokens new tokens) through HTTP to a uvicorn
-server in this process. Throughput is requests per second from the first request to the last
+prompt of one of the demo's languages, greedy, --max-tokens new tokens) through HTTP to a
+`salamandra-vl serve` process (one per side; only one is busy at a time). Throughput is requests per second from the first request to the last
 answer; latency is per request. Batched and unbatched answers are compared before timing (answers_equal).
 
     python benchmarks/serve.py --checkpoint runs/demo/checkpoint      # one JSON line on stdout
@@ -18,7 +19,6 @@ import json
 import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,23 +36,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(model, max_batch: int):
-    import httpx
-    import uvicorn
+def start(checkpoint: str, max_batch: int):
+    """`salamandra-vl serve` in its own process (as it is deployed: the clients' threads do not share
+    its interpreter), once it answers /health."""
+    import subprocess
 
-    from multimodal.serving.app import create_app
+    import httpx
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "bench", max_batch=max_batch), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
+    process = subprocess.Popen([sys.executable, "-m", "multimodal.cli", "serve", "--checkpoint", str(checkpoint),
+                                "--port", str(port), "--max-batch", str(max_batch), "--model-name", "bench"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL)
+    for _ in range(1200):
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode})")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return server, thread, f"http://127.0.0.1:{port}"
+                return process, f"http://127.0.0.1:{port}"
         except httpx.TransportError:
             time.sleep(0.05)
+    process.kill()
     raise RuntimeError("the server did not start")
 
 
@@ -73,17 +76,23 @@ def requests_for(clients: int, max_tokens: int) -> list[dict]:
 
 
 def run_round(url: str, bodies: list[dict]) -> tuple[float, list[float], list[str]]:
+    """All clients at once (each its own thread and connection from one pool: a client per request
+    would spend more time building its TLS context than the server spends answering)."""
     import httpx
 
-    def one(body: dict) -> tuple[float, str]:
-        started = time.perf_counter()
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
-        response.raise_for_status()
-        return time.perf_counter() - started, response.json()["choices"][0]["message"]["content"]
+    payloads = [json.dumps(body).encode() for body in bodies]
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    with httpx.Client(timeout=600, limits=limits) as http:
+        def one(payload: bytes) -> tuple[float, str]:
+            started = time.perf_counter()
+            response = http.post(f"{url}/v1/chat/completions", content=payload,
+                                 headers={"Content-Type": "application/json"})
+            response.raise_for_status()
+            return time.perf_counter() - started, response.json()["choices"][0]["message"]["content"]
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        results = list(pool.map(one, bodies))
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            results = list(pool.map(one, payloads))
     return time.perf_counter() - started, [r[0] for r in results], [r[1] for r in results]
 
 
@@ -96,32 +105,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/demo/checkpoint", help="a save_pretrained directory")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--max-batch", type=int, default=8, help="the batched server's --max-batch")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="the batched server's --max-batch (32: every client can share one batch)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating")
     args = parser.parse_args(argv)
 
-    from multimodal.model import VisionLanguageModel
-
     if not (Path(args.checkpoint) / "config.json").exists():
         raise SystemExit(f"{args.checkpoint} is not a checkpoint: run `make demo` first (it writes runs/demo/checkpoint)")
-    model = VisionLanguageModel.from_pretrained(args.checkpoint)
     bodies = requests_for(args.clients, args.max_tokens)
-    sides = {"batched": start(model, args.max_batch), "unbatched": start(model, 1)}
+    sides = {"batched": start(args.checkpoint, args.max_batch), "unbatched": start(args.checkpoint, 1)}
     # Warm-up and check: one round each, the same answers.
-    answers = {name: run_round(url, bodies)[2] for name, (_, _, url) in sides.items()}
+    answers = {name: run_round(url, bodies)[2] for name, (_, url) in sides.items()}
     # Greedy answers agree unless a near-tie flips with the batch's float rounding: counted, not hidden.
     equal = sum(a == b for a, b in zip(answers["batched"], answers["unbatched"]))
     walls = {name: [] for name in sides}
     latencies = {name: [] for name in sides}
     for _ in range(args.rounds):
-        for name, (_, _, url) in sides.items():
+        for name, (_, url) in sides.items():
             wall, latency, _ = run_round(url, bodies)
             walls[name].append(wall)
             latencies[name] += latency
-    for server, thread, _ in sides.values():
-        server.should_exit = True
-        thread.join(timeout=10)
+    for process, _ in sides.values():
+        process.terminate()
+        process.wait(timeout=30)
     throughput = {name: args.clients * len(w) / sum(w) for name, w in walls.items()}
     result = {
         "benchmark": "serve",

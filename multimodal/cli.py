@@ -230,6 +230,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    # Spinning OpenMP threads would take the cores that the HTTP side and the clients need.
+    flags = [f"--{name.replace('_', '-')}" for name in ("allow_local_images", "allow_remote_images")
+             if getattr(args, name)]
+    options = [("--checkpoint", args.checkpoint), ("--host", args.host), ("--port", args.port),
+               ("--max-batch", args.max_batch), ("--max-image-bytes", args.max_image_bytes),
+               ("--model-name", args.model_name), ("--api-key", args.api_key)]
+    relaunch_with_passive_openmp(["serve", *flags, *[str(v) for option in options if option[1] is not None
+                                                      for v in option]])
     try:
         import uvicorn
     except ImportError:

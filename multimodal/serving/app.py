@@ -90,7 +90,7 @@ def create_app(model, model_id: str, max_batch: int = 8, api_key: str | None = N
         except ValueError as error:  # markers that do not match the images, a prompt that fills the context
             code = "context_length_exceeded" if "context" in str(error) else None
             raise APIError(400, str(error), param="messages", code=code) from None
-        return Job(prompt, pixels, config, chat.stop, loop), len(prompt), chat.stream
+        return Job(prompt, pixels, config, chat.stop, loop, stream=chat.stream), len(prompt), chat.stream
 
     async def next_event(job: Job, request: Request) -> tuple[Any, ...]:
         while True:

@@ -37,6 +37,7 @@ class Job:
     config: generation.GenerationConfig
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    stream: bool = False  # text as it comes; otherwise one delta at the end (no per-token wake-ups)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
@@ -45,16 +46,22 @@ class Job:
 
 
 class _Row:
-    """The text a row has produced, cut at the first stop string."""
+    """The text a row has produced, cut at the first stop string. A row whose text nobody reads
+    before the end (not streamed, no stop strings) keeps only its ids and decodes them once."""
 
     def __init__(self, job: Job, tokenizer) -> None:
-        self.job, self.decoder = job, generation.IncrementalDecoder(tokenizer)
+        self.job, self.tokenizer = job, tokenizer
+        self.decoder = generation.IncrementalDecoder(tokenizer) if job.stream or job.stop else None
+        self.ids: list[int] = []
         self.pending, self.tokens, self.done = "", 0, False
         self.hold = max((len(s) for s in job.stop), default=1) - 1
 
     def push(self, token: int) -> bool:
         """Add a token; True when a stop string ended the answer."""
         self.tokens += 1
+        if self.decoder is None:
+            self.ids.append(token)
+            return False
         return self._add(self.decoder.push(token), final=False)
 
     def _add(self, text: str, final: bool) -> bool:
@@ -74,7 +81,8 @@ class _Row:
 
     def finish(self, reason: str) -> None:
         if not self.done:
-            stopped = self._add(self.decoder.finish(), final=True)
+            rest = self.decoder.finish() if self.decoder is not None else self.tokenizer.decode(self.ids)
+            stopped = self._add(rest, final=True)
             self.done = True
             self.job.send("done", "stop" if stopped else FINISH.get(reason, "stop"), self.tokens)
 

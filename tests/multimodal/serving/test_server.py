@@ -179,3 +179,21 @@ def test_stop_strings_end_the_answer_before_them(server):
     stop = full[2:4]
     cut = ask(url, "Describe the image.", (50, 60, 70), max_tokens=12, stop=[stop]).choices[0]
     assert cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_the_serve_command_relaunches_with_its_own_options_and_serves(server, monkeypatch, tmp_path):
+    """`salamandra-vl serve` restarts itself with passive OpenMP threads (they would spin on the cores
+    the HTTP side needs), passing on exactly its options, then runs uvicorn on the checkpoint."""
+    import multimodal.cli as cli
+
+    model, _, _ = server
+    model.save_pretrained(tmp_path / "m")
+    relaunched, served = [], []
+    monkeypatch.setattr(cli, "relaunch_with_passive_openmp", relaunched.append)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.append((app, host, port)))
+    assert cli.main(["serve", "--checkpoint", str(tmp_path / "m"), "--port", "9123", "--allow-local-images",
+                     "--api-key", "k"]) == 0
+    assert relaunched == [["serve", "--allow-local-images", "--checkpoint", str(tmp_path / "m"), "--host", "127.0.0.1",
+                           "--port", "9123", "--max-batch", "8", "--max-image-bytes", str(20 * 2**20),
+                           "--api-key", "k"]]
+    assert served[0][1:] == ("127.0.0.1", 9123)
