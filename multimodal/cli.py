@@ -11,6 +11,7 @@
   salamandra-vl import --from hf-llava DIR OUT            read one back into our format
                        (--from hf-llava-onevision)
   salamandra-vl consolidate CKPT_DIR OUT                  a sharded (fsdp2) checkpoint -> save_pretrained
+  salamandra-vl merge CHECKPOINT OUT                      fold LoRA adapters into the weights
   salamandra-vl serve --checkpoint DIR [--port 8000]       an OpenAI-compatible chat server (images, streaming)
   salamandra-vl evaluate --checkpoint DIR --data SHARDS --out DIR [--task caption|vqa|choice]
                                                           metrics.json and predictions.jsonl
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 LIGHTNING_COMMANDS = ("fit", "validate")
@@ -211,6 +213,21 @@ def import_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_command(args: argparse.Namespace) -> int:
+    from multimodal.export import check_out_dir
+    from multimodal.lora import merge_lora
+    from multimodal.model import VisionLanguageModel
+
+    out = Path(args.out)
+    check_out_dir(out)
+    model = VisionLanguageModel.from_pretrained(args.checkpoint)
+    if model.lora is None:
+        raise ValueError(f"{args.checkpoint} has no LoRA adapters to merge")
+    merge_lora(model).save_pretrained(out)
+    print(out)
+    return 0
+
+
 def consolidate_command(args: argparse.Namespace) -> int:
     from multimodal.consolidate import consolidate
 
@@ -345,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("hf_dir", help="Hugging Face LLaVA model directory")
     import_.add_argument("out", help="output directory (new or empty)")
     import_.set_defaults(run=import_command)
+
+    merge = commands.add_parser(
+        "merge", help="fold a checkpoint's LoRA adapters into its weights",
+        description="Write a save_pretrained directory whose weights include the LoRA adapters of CHECKPOINT "
+                    "(the same function, no adapters left). export does this itself.",
+    )
+    merge.add_argument("checkpoint", help="a save_pretrained directory with adapter_config.json")
+    merge.add_argument("out", help="output directory (new or empty)")
+    merge.set_defaults(run=merge_command)
 
     consolidate = commands.add_parser(
         "consolidate", help="turn a sharded (fsdp2) checkpoint directory into a save_pretrained directory",

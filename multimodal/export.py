@@ -43,6 +43,8 @@ config, weight names, image processor, the open_clip tower of an imported one) i
 
 from __future__ import annotations
 
+import copy
+
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ from lm import Decoder
 from lm.hf import config_from_hf, config_to_hf, read_safetensors, write_safetensors
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal.layouts import FIXED, ImageLayout
+from multimodal.lora import merge_lora
 from multimodal.model import VisionLanguageModel
 
 __all__ = ["check_exportable", "export_hf_llava", "import_hf_llava", "llava_chat_template"]
@@ -153,6 +156,16 @@ def hf_llava_state(model: VisionLanguageModel, plan: _ExportPlan) -> dict[str, t
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def model_to_export(model_or_checkpoint_dir: VisionLanguageModel | str | Path) -> VisionLanguageModel:
+    """The model, loaded when given a directory; with LoRA adapters merged into its weights (a copy:
+    the model given keeps its adapters), since Hugging Face's LLaVA classes have none."""
+    if isinstance(model_or_checkpoint_dir, VisionLanguageModel):
+        model = model_or_checkpoint_dir
+        return merge_lora(copy.deepcopy(model)) if model.lora is not None else model
+    model = VisionLanguageModel.from_pretrained(model_or_checkpoint_dir)
+    return merge_lora(model) if model.lora is not None else model
+
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} exists and is not an empty directory; choose a new output directory")
@@ -169,10 +182,7 @@ def export_hf_llava(model_or_checkpoint_dir: VisionLanguageModel | str | Path, o
     except ImportError:  # transformers before the 5.x image-processor rework
         from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
-    if isinstance(model_or_checkpoint_dir, VisionLanguageModel):
-        model = model_or_checkpoint_dir
-    else:
-        model = VisionLanguageModel.from_pretrained(model_or_checkpoint_dir)
+    model = model_to_export(model_or_checkpoint_dir)
     out_dir = Path(out_dir)
     plan = check_exportable(model)
     check_out_dir(out_dir)

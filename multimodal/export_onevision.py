@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multimodal.export import (check_exportable, check_out_dir, hf_llava_state, llava_chat_template, llava_text_config,
-                               write_model_files, write_own_tokenizer)
+                               model_to_export, write_model_files, write_own_tokenizer)
 from multimodal.model import VisionLanguageModel
 
 __all__ = ["export_hf_llava_onevision"]
@@ -32,8 +32,7 @@ def export_hf_llava_onevision(model_or_checkpoint_dir: VisionLanguageModel | str
     )
     from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
-    model = (model_or_checkpoint_dir if isinstance(model_or_checkpoint_dir, VisionLanguageModel)
-             else VisionLanguageModel.from_pretrained(model_or_checkpoint_dir))
+    model = model_to_export(model_or_checkpoint_dir)
     if not model.layout.is_anyres:
         raise ValueError("the model's image layout is 'fixed' (one view per image): export it with --to hf-llava; "
                          "LLaVA-OneVision's format is for the anyres layout")

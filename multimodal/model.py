@@ -36,6 +36,7 @@ from lm.loss import chunked_cross_entropy, count_labelled, next_token_targets
 from lm.tokenizer import Tokenizer, load_tokenizer
 from multimodal import generation
 from multimodal.batch import Batch
+from multimodal import lora as lora_weights
 from multimodal.conversation import (IMAGE_MARKER, VIDEO_MARKER, count_images, messages_from_json,
                                      tokenize_conversation, with_image_markers)
 from multimodal.layouts import FIXED, ImageLayout
@@ -126,6 +127,7 @@ class VisionLanguageModel(nn.Module):
         # exactly once, a text-only one on a blank image whose features are multiplied by 0, so that
         # every rank joins the encoder's weight gathers (a rank that skipped them would hang the rest).
         self.always_encode = False
+        self.lora = None  # LoraSettings when LoRA adapters are in (multimodal.lora)
         if layout.is_anyres:
             self._check_anyres()
             # LLaVA-OneVision's learned end-of-row embedding (its initialisation: N(0, 1/d)).
@@ -526,15 +528,24 @@ class VisionLanguageModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Weights (safetensors), config and tokenizer into `directory`. `state_dict`: the weights
-        to write instead of this module's own (a sharded model's, gathered)."""
+        to write instead of this module's own (a sharded model's, gathered). LoRA adapters go apart,
+        into peft's files beside them (multimodal.lora), the weights under their plain names."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        if state_dict is None:
+            state_dict = lora_weights.base_state_dict(self) if self.lora is not None else self.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         if self.decoder.config.tie_embeddings:
             state.pop("decoder.lm_head.weight")  # safetensors refuses shared storage
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps(self.config(), indent=2) + "\n")
         self.tokenizer.save(directory)
+        stale = directory / lora_weights.ADAPTER_CONFIG
+        if self.lora is not None:
+            lora_weights.save_adapters(self, directory)
+        elif stale.exists():  # an earlier save with adapters in the same directory: they are not this model's
+            stale.unlink()
+            (directory / lora_weights.ADAPTER_WEIGHTS).unlink(missing_ok=True)
 
     @classmethod
     def from_pretrained(
@@ -581,4 +592,6 @@ class VisionLanguageModel(nn.Module):
         leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
             raise RuntimeError(f"tensors not restored from the checkpoint: {leftover[:8]}")
+        if (directory / lora_weights.ADAPTER_CONFIG).exists():
+            lora_weights.load_adapters(model, directory)
         return model.eval()

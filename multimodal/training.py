@@ -28,6 +28,7 @@ from multimodal.batch import Batch
 from multimodal.data import DataConfig, build_loader, dataset_for_model
 from multimodal.data.resume import DataPosition, ResumePlan
 from multimodal.layouts import ImageLayout, onevision_pinpoints
+from multimodal.lora import LoraSettings, add_lora, is_adapter
 from multimodal.model import VisionLanguageModel
 from multimodal.parallel import FSDP2Strategy, is_sharded
 from multimodal.resume_settings import check_data_layout
@@ -136,6 +137,7 @@ def from_saved(spec: ModelSpec) -> VisionLanguageModel:
                                 saved.loss_chunk_size, layout=layout, video_token_id=video_token_id)
     if saved.layout.is_anyres and layout.is_anyres:
         model.image_newline = saved.image_newline  # the trained one
+    model.lora = saved.lora  # its adapters sit inside the decoder (and encoder) it shares
     return model.train()
 
 
@@ -158,6 +160,15 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> None:
     missing_lr = [name for name in stage.train if name not in stage.lr]
     if missing_lr:
         raise ValueError(f"no learning rate for trained modules {missing_lr} (stage.lr has {sorted(stage.lr)})")
+    lora = getattr(model, "lora", None)
+    if lora is not None:
+        # The adapted modules learn through their adapters only.
+        untrained = [name for name in lora.modules if name not in stage.train]
+        if untrained:
+            raise ValueError(f"LoRA adapts {untrained}: list them in stage.train (its learning rate is the adapters')")
+        for name in lora.modules:
+            for parameter_name, parameter in getattr(model, name).named_parameters():
+                parameter.requires_grad_(is_adapter(parameter_name))
     model.decoder.gradient_checkpointing = stage.gradient_checkpointing
     if stage.frozen_dtype is not None:
         if stage.frozen_dtype != "bf16":
@@ -209,15 +220,23 @@ def fused_adamw_supported(model: torch.nn.Module) -> bool:
 
 
 class VLMModule(L.LightningModule):
-    def __init__(self, model: ModelSpec, stage: StageConfig | None = None, export_dir: str | None = None):
+    """`lora`: LoRA adapters on the decoder (and optionally the encoder blocks); the stage must train
+    the adapted modules, which then learn through their adapters only (multimodal.lora)."""
+
+    def __init__(self, model: ModelSpec, stage: StageConfig | None = None, export_dir: str | None = None,
+                 lora: LoraSettings | None = None):
         super().__init__()
         self.spec = model
         self.stage = stage or StageConfig()
         self.export_dir = export_dir
-        # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {"model": dataclasses.asdict(self.spec), "stage": dataclasses.asdict(self.stage), "export_dir": export_dir}
-        )
+        self.lora = lora
+        # Plain dicts, so a checkpoint loads with torch.load(weights_only=True). `lora` only when
+        # set, so that checkpoints from before it compare equal on resume.
+        hyperparameters = {"model": dataclasses.asdict(self.spec), "stage": dataclasses.asdict(self.stage),
+                           "export_dir": export_dir}
+        if lora is not None:
+            hyperparameters["lora"] = dataclasses.asdict(lora)
+        self.save_hyperparameters(hyperparameters)
         self.model: VisionLanguageModel | None = None
         self.skipped: Counter[str] = Counter()
         self.source_counts: Counter[str] = Counter()
@@ -230,6 +249,8 @@ class VLMModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = build_model(self.spec)
+        if self.lora is not None and self.model.lora is None:  # a saved model may bring its own adapters
+            add_lora(self.model, self.lora)
         apply_stage(self.model, self.stage)
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDP2Strategy):
