@@ -111,9 +111,28 @@ def make_samples(model: VisionLanguageModel, count: int, max_tokens: int, rng: r
     return samples
 
 
-def our_batches(samples: list[TokenizedSample], max_tokens: int, rows: int, pad_id: int) -> list[Batch]:
+def our_batches(samples: list[TokenizedSample], max_tokens: int, rows: int, pad_id: int,
+                trim_to_multiple: int | None = None) -> list[Batch]:
+    """Packed first-fit into rows of max_tokens, `rows` a Batch (make_batch: rows padded to
+    max_tokens, or trimmed after the longest row rounded up to `trim_to_multiple`)."""
     packed = pack_samples(samples, max_tokens, buffer_size=64)
-    return [make_batch(group, max_tokens, pad_id) for group in group_rows(packed, rows)]
+    return [make_batch(group, max_tokens, pad_id, trim_to_multiple=trim_to_multiple)
+            for group in group_rows(packed, rows)]
+
+
+def padded_text(group: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels of `group`, right-padded to its longest sample
+    (padding masked out of attention and loss), as a padding collator gives them to transformers."""
+    longest = max(len(s) for s in group)
+    ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(group), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(group), longest), dtype=torch.long)
+    for row, sample in enumerate(group):
+        n = len(sample)
+        ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, :n] = torch.tensor(sample.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def hf_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -121,17 +140,8 @@ def hf_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int) -> 
     batches = []
     for start in range(0, len(samples), batch_size):
         group = samples[start:start + batch_size]
-        longest = max(len(s) for s in group)
-        ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(group), longest), dtype=torch.long)
-        for row, sample in enumerate(group):
-            n = len(sample)
-            ids[row, :n] = torch.tensor(sample.input_ids)
-            labels[row, :n] = torch.tensor(sample.labels)
-            mask[row, :n] = 1
         pixels = torch.stack([image for sample in group for image in sample.images])
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels})
+        batches.append({**padded_text(group, pad_id), "pixel_values": pixels})
     return batches
 
 

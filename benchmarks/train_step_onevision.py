@@ -66,11 +66,12 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import (  # noqa: E402
     FlopModel, add_model_args, build_onevision_vlm, emit, load_hf_llava_onevision, machine_info,
 )
-from benchmarks.train_step import alternate_steps, hf_step, log_normal_length, our_step  # noqa: E402
+from benchmarks.train_step import (  # noqa: E402
+    alternate_steps, hf_step, log_normal_length, our_batches, our_step, padded_text,
+)
 from lm.loss import IGNORE_INDEX  # noqa: E402
 from multimodal import VisionLanguageModel  # noqa: E402
-from multimodal.batch import Batch  # noqa: E402
-from multimodal.data.packing import TRIM_MULTIPLE, group_rows, make_batch, pack_samples  # noqa: E402
+from multimodal.data.packing import TRIM_MULTIPLE, make_batch  # noqa: E402
 from multimodal.data.samples import TokenizedSample  # noqa: E402
 
 # (height, width): small, square, wide, tall, a 4:3 photo.
@@ -166,12 +167,6 @@ def make_samples(model: VisionLanguageModel, sizes: list[list[tuple[int, int]]],
     return samples
 
 
-def our_batches(samples: list[Sample], max_tokens: int, rows: int, pad_id: int, trim: bool) -> list[Batch]:
-    packed = pack_samples(samples, max_tokens, buffer_size=64)
-    return [make_batch(group, max_tokens, pad_id, trim_to_multiple=TRIM_MULTIPLE if trim else None)
-            for group in group_rows(packed, rows)]
-
-
 def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, image_processor) -> list[dict[str, torch.Tensor]]:
     """Right-padded to the longest sample of each batch (padding masked out of attention and loss);
     the pixels as transformers' image processor gives them for the batch's images, nested per sample
@@ -179,20 +174,11 @@ def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, image_proces
     batches = []
     for start in range(0, len(samples), batch_size):
         group = samples[start:start + batch_size]
-        longest = max(len(s) for s in group)
-        ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(group), longest), dtype=torch.long)
-        for row, sample in enumerate(group):
-            n = len(sample)
-            ids[row, :n] = torch.tensor(sample.input_ids)
-            labels[row, :n] = torch.tensor(sample.labels)
-            mask[row, :n] = 1
         pixels = image_processor(images=[sample.pil for sample in group], return_tensors="pt")
         ours = [views for sample in group for views in sample.images]
         if not all(torch.equal(pixels["pixel_values"][i, :len(v)], v) for i, v in enumerate(ours)):
             raise AssertionError("transformers' image processor and ours give different views")
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, **pixels})
+        batches.append({**padded_text(group, pad_id), **pixels})
     return batches
 
 
@@ -260,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "for-loop": {"foreach": False}}[args.adamw]
     our_optimizer = torch.optim.AdamW(ours.parameters(), lr=args.lr, **implementation)
     hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=args.lr, **implementation)
+    trim = None if args.fixed_rows else TRIM_MULTIPLE  # as the OneVision presets train (data.train.trim_rows)
     check_sizes = [CHECK_SIZES[i % len(CHECK_SIZES)] for i in range(args.check_samples)]
     check = same_computation(ours, hf, make_samples(ours, check_sizes, args.max_tokens, rng), pad_id, image_processor)
     # The warmup: the check's forward and backward passes, then an optimizer step on its gradients
@@ -270,13 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup:
         warmup_samples = make_samples(ours, image_sizes(args.warmup * args.hf_batch_size, args.two_image_share, rng),
                                       args.max_tokens, rng)
-        for batch in our_batches(warmup_samples, args.max_tokens, args.rows, pad_id, not args.fixed_rows)[:args.warmup]:
+        for batch in our_batches(warmup_samples, args.max_tokens, args.rows, pad_id, trim)[:args.warmup]:
             our_step(ours, our_optimizer, batch)
         for inputs in hf_batches(warmup_samples, args.hf_batch_size, pad_id, image_processor)[:args.warmup]:
             hf_step(hf, hf_optimizer, inputs)
 
     samples = make_samples(ours, image_sizes(args.samples, args.two_image_share, rng), args.max_tokens, rng)
-    mine = our_batches(samples, args.max_tokens, args.rows, pad_id, not args.fixed_rows)
+    mine = our_batches(samples, args.max_tokens, args.rows, pad_id, trim)
     theirs = hf_batches(samples, args.hf_batch_size, pad_id, image_processor)
     real = sum(len(s) for s in samples)
     assert real == sum(b.real_tokens() for b in mine) == sum(int(b["attention_mask"].sum()) for b in theirs)
