@@ -76,7 +76,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> None:
     `model`, a VisionLanguageModel; which parameters learn is the stage's business (apply_stage)."""
     from peft import inject_adapter_in_model
 
-    if getattr(model, "lora", None) is not None:
+    if model.lora is not None:
         raise ValueError("the model already has LoRA adapters")
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     inject_adapter_in_model(peft_config(model, settings), model)

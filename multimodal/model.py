@@ -191,40 +191,29 @@ class VisionLanguageModel(nn.Module):
                 features = self.encoder(pixels)
         return self.projector(features)
 
-    def image_embeddings(self, images: torch.Tensor | ImageInputs) -> torch.Tensor:
-        """[tokens, d_model]: the tokens of every image, in placeholder order. `images` is a
-        [N, 3, H, W] tensor in the fixed layout, ImageInputs in the anyres layout."""
-        if not isinstance(images, ImageInputs):
-            return self.encode_images(images).flatten(0, 1)
-        features = self.encode_images(images.pixels)
-        side, tile = self.view_side, self.encoder.image_size
-        packed = [pack_image(views, size, self.layout, side, tile, self.image_newline)
-                  for views, size in zip(features.split(images.views), images.sizes)]
-        return torch.cat(packed)
-
-    def video_embeddings(self, inputs: ImageInputs) -> torch.Tensor:
-        """[tokens, d_model]: the tokens of every video of `inputs`, in placeholder order."""
-        features = self.encode_images(inputs.frames)
-        return torch.cat([pack_video(frames, self.view_side, self.image_newline)
-                          for frames in features.split(inputs.frames_per_video)])
-
     def visual_embeddings(self, pixels: torch.Tensor | ImageInputs | None) -> tuple[torch.Tensor | None,
                                                                                     torch.Tensor | None]:
-        """(image tokens, video tokens), each [tokens, d_model] in placeholder order or None, from one
-        pass of the encoder over the views and the frames together."""
+        """(image tokens, video tokens), each [tokens, d_model] in placeholder order, or None where
+        there are none. `pixels` is a [N, 3, H, W] tensor in the fixed layout, ImageInputs in the
+        anyres layout; its views and video frames go through the encoder in one pass (sharded
+        training needs every micro-batch to call the encoder the same number of times)."""
+        if pixels is None:
+            return None, None
         if not isinstance(pixels, ImageInputs):
-            return (None if pixels is None else self.image_embeddings(pixels)), None
-        if not pixels.frames_per_video:
-            return self.image_embeddings(pixels), None
-        if not pixels.views:
-            return None, self.video_embeddings(pixels)
-        features = self.encode_images(torch.cat([pixels.pixels, pixels.frames]))
-        views, frames = features.split([pixels.pixels.shape[0], pixels.frames.shape[0]])
+            return self.encode_images(pixels).flatten(0, 1), None
+        parts = ([pixels.pixels] if pixels.views else []) + ([pixels.frames] if pixels.frames_per_video else [])
+        if not parts:
+            return None, None
+        features = self.encode_images(parts[0] if len(parts) == 1 else torch.cat(parts))
+        views, frames = features.split([sum(pixels.views), sum(pixels.frames_per_video)])
         side, tile = self.view_side, self.encoder.image_size
-        images = torch.cat([pack_image(image, size, self.layout, side, tile, self.image_newline)
-                            for image, size in zip(views.split(pixels.views), pixels.sizes)])
-        videos = torch.cat([pack_video(video, self.view_side, self.image_newline)
-                            for video in frames.split(pixels.frames_per_video)])
+        images = videos = None
+        if pixels.views:
+            images = torch.cat([pack_image(image, size, self.layout, side, tile, self.image_newline)
+                                for image, size in zip(views.split(pixels.views), pixels.sizes)])
+        if pixels.frames_per_video:
+            videos = torch.cat([pack_video(video, side, self.image_newline)
+                                for video in frames.split(pixels.frames_per_video)])
         return images, videos
 
     def blank_image_term(self) -> torch.Tensor:

@@ -207,7 +207,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise ValueError(f"the fsdp2 strategy computes in param_dtype ({self.param_dtype}); set trainer.precision "
                              f"32-true instead of {self.precision_plugin.precision} (autocast would keep a second "
                              "copy of every weight)")
-        if getattr(model, "lora", None) is not None:
+        if model.lora is not None:
             raise ValueError("LoRA adapters are not supported under the fsdp2 strategy yet; use ddp (with LoRA "
                              "the optimizer states are small: the full weights are what each GPU holds)")
         model.to(self.root_device)

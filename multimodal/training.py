@@ -160,7 +160,7 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> None:
     missing_lr = [name for name in stage.train if name not in stage.lr]
     if missing_lr:
         raise ValueError(f"no learning rate for trained modules {missing_lr} (stage.lr has {sorted(stage.lr)})")
-    lora = getattr(model, "lora", None)
+    lora = model.lora
     if lora is not None:
         # The adapted modules learn through their adapters only.
         untrained = [name for name in lora.modules if name not in stage.train]
