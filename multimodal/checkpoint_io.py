@@ -110,6 +110,11 @@ def save_atomically(checkpoint: dict[str, Any], path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename inside `directory` durable (the directory entry itself reaches the disk)."""
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)

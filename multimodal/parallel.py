@@ -38,6 +38,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
+from multimodal.checkpoint_io import fsync_directory
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
@@ -79,7 +81,7 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None, re
                 force_sum_reduction: bool = False) -> None:
     """fully_shard each of model.fsdp_units(), then the model (the root), with one mixed-precision
     policy; afterwards every parameter is a DTensor (gradient clipping needs all or none)."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -89,9 +91,8 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None, re
     if force_sum_reduction:
         # gloo's AVG reduction was reported to sum (pytorch#162338): sum explicitly and let FSDP
         # divide, which gives the same bits where AVG is right.
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_force_sum_reduction_for_comms(True)
+        for module in fsdp_modules(model):
+            module.set_force_sum_reduction_for_comms(True)
     plain = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise RuntimeError(f"parameters left unsharded: {plain[:5]}")
@@ -113,14 +114,6 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_directory(partial: Path, path: Path) -> None:
     """Put the finished `partial` directory at `path`: a rename, so that `path` is always either the
     old checkpoint or the new one, never part of one. An existing `path` is moved aside first and
@@ -132,7 +125,7 @@ def replace_directory(partial: Path, path: Path) -> None:
         aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         path.rename(aside)
     partial.rename(path)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
