@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 import lightning as L
+import torch
 
 from multimodal.evaluation.run import predict, score
-from multimodal.evaluation.samples import EvalItem, read_items
+from multimodal.evaluation.samples import EvalItem, read_items, shard_urls
 
 
 class GenerationValidation(L.Callback):
@@ -40,25 +42,16 @@ class GenerationValidation(L.Callback):
         self.last_metrics: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from multimodal.data.shards import check_local_shards, expand_shards
         from multimodal.parallel import FSDP2Strategy
 
         if isinstance(trainer.strategy, FSDP2Strategy):
             raise ValueError("GenerationValidation does not run under the fsdp2 strategy (its weights are sharded); "
                              "evaluate the consolidated checkpoints with salamandra-vl evaluate instead")
-        urls = expand_shards(self.data)
-        if not urls:
-            raise ValueError(f"GenerationValidation: {self.data!r} names no shard")
-        check_local_shards(urls)
-        self.urls = urls
+        self.urls = shard_urls(self.data)
 
     def _load(self) -> list[EvalItem]:
         if self.items is None:
-            items = []
-            for item in read_items(self.urls, self.task, self.languages, self.skipped):
-                items.append(item)
-                if len(items) == self.limit:
-                    break
+            items = list(islice(read_items(self.urls, self.task, self.languages, self.skipped), self.limit))
             if not items:
                 raise ValueError(f"GenerationValidation: no usable item in {self.data!r} (skipped: {dict(self.skipped)})")
             self.items = items
@@ -84,11 +77,6 @@ class GenerationValidation(L.Callback):
                                  for name, value in score(self.last_records, self.task).items() if name != "items"}
             for logger in trainer.loggers:
                 logger.log_metrics(self.last_metrics, step=step)
-            trainer.callback_metrics.update({name: _tensor(value) for name, value in self.last_metrics.items()})
+            trainer.callback_metrics.update({name: torch.tensor(value) for name, value in self.last_metrics.items()})
         trainer.strategy.barrier("generation_validation")
 
-
-def _tensor(value: float):
-    import torch
-
-    return torch.tensor(value)

@@ -18,7 +18,7 @@ from typing import Any
 
 from multimodal.evaluation.captions import bleu4, chrf, cider_d
 from multimodal.evaluation.language import language_fidelity
-from multimodal.evaluation.samples import TASKS, EvalItem, read_items
+from multimodal.evaluation.samples import TASKS, EvalItem, read_items, shard_urls
 from multimodal.evaluation.vqa import choice_accuracy, vqa_accuracy
 
 
@@ -85,15 +85,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Sequence[str], out: 
     write predictions.jsonl and metrics.json into `out`; returns the metrics."""
     from itertools import islice
 
-    from multimodal.data.shards import check_local_shards, expand_shards
     from multimodal.model import VisionLanguageModel
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    urls = expand_shards(data)
-    if not urls:
-        raise ValueError(f"{data!r} names no shard")
-    check_local_shards(urls)
+    urls = shard_urls(data)
     model = VisionLanguageModel.from_pretrained(checkpoint)
     skipped: Counter = Counter()
     items = read_items(urls, task, languages, skipped)

@@ -137,6 +137,18 @@ def choice_items(key: str, sample: dict[str, Any], languages: Sequence[str] | No
 ITEMS = {"caption": caption_items, "vqa": vqa_items, "choice": choice_items}
 
 
+def shard_urls(data: str | Sequence[str]) -> list[str]:
+    """The shard URLs that `data` (patterns as DataConfig.shards) names; ValueError for none,
+    FileNotFoundError for a local shard that does not exist."""
+    from multimodal.data.shards import check_local_shards, expand_shards
+
+    urls = expand_shards(data)
+    if not urls:
+        raise ValueError(f"{data!r} names no shard")
+    check_local_shards(urls)
+    return urls
+
+
 def read_items(urls: Sequence[str], task: str, languages: Sequence[str] | None,
                skipped: Counter) -> Iterator[EvalItem]:
     """The items of the shards at `urls`, in order; skipped samples are counted in `skipped`."""
