@@ -16,7 +16,6 @@ and counted by reason; it never shifts an image onto another sample's text.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,12 @@ from typing import Any
 
 from PIL import Image
 
-from multimodal.data.decode import SkipSample, decode_image
+from multimodal.data.decode import UNKNOWN_LANGUAGE, SkipSample, decode_image, decode_json, decode_text
+from multimodal.data.samples import IMAGE_EXTENSIONS
 from multimodal.evaluation.language import SALAMANDRA_LANGUAGES
 from multimodal.prompts import caption_prompt
 
 TASKS = ("caption", "vqa", "choice")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CHOICE_ANSWER = "Answer with the option's letter from the given choices directly."
 
@@ -62,15 +61,7 @@ def _image(sample: dict[str, Any]) -> Image.Image:
 
 
 def _json(sample: dict[str, Any]) -> dict[str, Any]:
-    if "json" not in sample:
-        return {}
-    try:
-        value = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SkipSample("bad_json", str(error)) from None
-    if not isinstance(value, dict):
-        raise SkipSample("bad_json", "not an object")
-    return value
+    return decode_json(sample["json"]) if "json" in sample else {}
 
 
 def _strings(value: Any) -> list[str]:
@@ -88,15 +79,12 @@ def caption_items(key: str, sample: dict[str, Any], languages: Sequence[str] | N
     elif "captions" in meta:
         by_language = {meta.get("language", "en"): _strings(meta["captions"])}
     elif "txt" in sample:
-        try:
-            by_language = {meta.get("language", "en"): _strings(sample["txt"].decode("utf-8").splitlines())}
-        except UnicodeDecodeError:
-            raise SkipSample("bad_references", "txt is not UTF-8") from None
+        by_language = {meta.get("language", "en"): _strings(decode_text(sample["txt"]).splitlines())}
     else:
         raise SkipSample("no_references")
     unknown = sorted(set(by_language) - set(SALAMANDRA_LANGUAGES))
     if unknown:
-        raise SkipSample("unknown_language", ", ".join(unknown))
+        raise SkipSample(UNKNOWN_LANGUAGE, ", ".join(unknown))
     wanted = {lang: refs for lang, refs in by_language.items() if languages is None or lang in languages}
     if not any(wanted.values()):
         raise SkipSample("no_references" if not languages else "language_not_asked")
