@@ -173,7 +173,7 @@ class Prepared:
     wait_for_pretrain: bool
 
 
-def _through_stage1(out: Path, seed: int, config: DemoConfig) -> Prepared:
+def through_stage1(out: Path, seed: int, config: DemoConfig) -> Prepared:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} cores, load average {machine['load_average_at_start']}, "
           f"torch {machine['torch']} with {machine['torch_threads']} threads, OMP_WAIT_POLICY={machine['omp_wait_policy']}")
@@ -238,7 +238,7 @@ def _through_stage1(out: Path, seed: int, config: DemoConfig) -> Prepared:
 
 
 def _run_demo(out: Path, seed: int, config: DemoConfig) -> dict:
-    prepared = _through_stage1(out, seed, config)
+    prepared = through_stage1(out, seed, config)
     seconds, machine = prepared.seconds, prepared.machine
     seconds["stage2"] = run_stage("stage2", replace(prepared.spec, init_from=str(prepared.stage1)), prepared.stage2,
                                   prepared.train_shards, config.steps["stage2"], config, out / "checkpoint", seed)

@@ -27,7 +27,7 @@ from multimodal.data.config import SourceConfig
 from multimodal.demo import synthetic
 from multimodal.demo.config import DemoConfig
 from multimodal.demo.evaluation import evaluate
-from multimodal.demo.runner import _through_stage1, run_stage
+from multimodal.demo.runner import through_stage1, run_stage
 from multimodal.model import VisionLanguageModel
 
 TEXT_WEIGHT = 0.25  # the share of text-only chats in arm (b)
@@ -45,7 +45,7 @@ def run_fidelity_study(out: str | os.PathLike = "runs/fidelity", seed: int = 0, 
 
 
 def _run(out: Path, seed: int, config: DemoConfig, text_weight: float) -> dict:
-    prepared = _through_stage1(out, seed, config)
+    prepared = through_stage1(out, seed, config)
     seconds = prepared.seconds
     started = time.perf_counter()
     english = synthetic.write_shards(prepared.data_dir / "captions-en", "train", config.train_images, languages=("en",),
